@@ -1,0 +1,44 @@
+"""Solver settings for the equilibrium layer, with the reference's values as defaults."""
+
+from dataclasses import dataclass
+
+FWD_SOLVERS = ("anderson", "fpi", "broyden")
+BWD_SOLVERS = ("normal_cg", "gmres")
+
+# Per-solver (maxiter, tol) of the reference (spec 5.1): Anderson 20 / 1e-3 absolute,
+# fixed-point iteration 20 / 1e-2, Broyden 50 / 1e-3.
+_FWD_DEFAULTS = {"anderson": (20, 1e-3), "fpi": (20, 1e-2), "broyden": (50, 1e-3)}
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How a fixed point is found and differentiated.
+
+    `fwd_maxiter` / `fwd_tol` left as None take the reference's value for the chosen
+    forward solver. `fast_conv` swaps the 3x3 convolutions inside the equilibrium block
+    for ones whose gradient is a forward convolution (same numbers, much faster on CPU).
+    """
+
+    fwd_solver: str = "anderson"
+    bwd_solver: str = "normal_cg"
+    fwd_maxiter: int | None = None
+    fwd_tol: float | None = None
+    anderson_history: int = 5
+    anderson_ridge: float = 1e-4
+    bwd_maxiter: int = 50
+    bwd_tol: float = 1e-3
+    fast_conv: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fwd_solver not in FWD_SOLVERS:
+            raise ValueError(f"fwd_solver {self.fwd_solver!r} unknown; allowed: {FWD_SOLVERS}")
+        if self.bwd_solver not in BWD_SOLVERS:
+            raise ValueError(f"bwd_solver {self.bwd_solver!r} unknown; allowed: {BWD_SOLVERS}")
+
+    @property
+    def maxiter(self) -> int:
+        return self.fwd_maxiter or _FWD_DEFAULTS[self.fwd_solver][0]
+
+    @property
+    def tol(self) -> float:
+        return self.fwd_tol if self.fwd_tol is not None else _FWD_DEFAULTS[self.fwd_solver][1]

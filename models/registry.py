@@ -1,0 +1,61 @@
+"""Model names -> Haiku transforms, and which parameters are the personal head."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from deq.config import SolverConfig
+from models.base import HEAD_MARKER
+from models.deq_mlp import deq_mlp
+from models.deq_resnet import deq_resnet
+from models.resnet import resnet20_femnist, resnet34_cifar
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model ready for the engine: `transformed.apply(params, state, rng, x, is_training,
+    probe) -> (ModelOutput, state)`."""
+
+    name: str
+    transformed: hk.TransformedWithState
+    is_deq: bool
+
+    def init(self, rng: jax.Array, example_x: jnp.ndarray) -> tuple[hk.Params, hk.State]:
+        return self.transformed.init(rng, example_x, True)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    build: Callable[[int, SolverConfig], Callable]
+    is_deq: bool
+    input_ranks: tuple[int, ...]  # example ranks the model accepts: 3 for images, 1 for vectors
+
+
+_MODELS: dict[str, _Entry] = {
+    "deq_mlp": _Entry(lambda c, s: deq_mlp(c, s), True, (1, 2, 3)),
+    "deq_resnet_s": _Entry(lambda c, s: deq_resnet(64, 128, c, s), True, (3,)),
+    "deq_resnet_m": _Entry(lambda c, s: deq_resnet(128, 256, c, s), True, (3,)),
+    "resnet20": _Entry(lambda c, s: resnet20_femnist(c), False, (3,)),
+    "resnet34": _Entry(lambda c, s: resnet34_cifar(c), False, (3,)),
+}
+MODELS = tuple(_MODELS)
+
+
+def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...],
+                solver: SolverConfig | None = None) -> ModelSpec:
+    """Builds a model, failing early with the allowed names when it cannot fit the data."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
+    entry = _MODELS[name]
+    if len(input_shape) not in entry.input_ranks:
+        raise ValueError(f"model {name!r} takes inputs of rank {entry.input_ranks}, but the "
+                         f"dataset's examples have shape {input_shape}")
+    forward = entry.build(num_classes, solver or SolverConfig())
+    return ModelSpec(name, hk.transform_with_state(forward), entry.is_deq)
+
+
+def is_head(module_name: str) -> bool:
+    return HEAD_MARKER in module_name

@@ -1,0 +1,115 @@
+"""FeDEQ (spec 3.8): consensus ADMM on the shared representation, personal heads.
+
+A sampled client: downloads theta unless it trained in the previous round (then it keeps
+its own theta_i, as the reference does); P epochs on its head with theta_i frozen; E
+epochs on theta_i minimising  loss + <lambda_i, theta_i - theta> + rho/2 ||theta_i - theta||^2
+with the head frozen; then lambda_i += rho (theta_i - theta). It uploads theta_i (and its
+BatchNorm state). The server averages the uploads, weighted by samples.
+
+The reference aggregates at the *start* of the next round; aggregating at the end of the
+round gives identical client updates, and `prev_theta` keeps the value the reference
+hands to unseen clients (the last round's uploads are never aggregated there).
+"""
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from trainers.algorithms.base import Algorithm, HParams, as_float, phase_stats
+from utils.pytree import (
+    merge,
+    split_head,
+    tree_add,
+    tree_sq_norm,
+    tree_sub,
+    tree_vdot,
+    tree_where,
+    weighted_mean,
+)
+
+
+@dataclass(frozen=True)
+class FedEQConfig:
+    rho: float = 0.01
+    lam_init: float = 0.0        # vision: the reference's duals always start at 0
+    admm_scale: str = "none"     # "tokens": divide the ADMM terms by the batch token count
+    dual_in_average: bool = False  # textbook ADMM: server averages theta_i + lambda_i / rho
+
+
+class FedEQ(Algorithm):
+    name = "fedeq"
+    extra_initial_draw = True
+
+    def __init__(self, task, hp: HParams, cfg: FedEQConfig = FedEQConfig()):
+        super().__init__(task, hp)
+        self.cfg = cfg
+
+    @property
+    def streams(self):
+        # Head and representation batches come from the same seed (spec 3.8 step 4a).
+        return ((0, max(self.hp.local_epochs, self.hp.personal_epochs)),)
+
+    def init(self, params, state, num_clients):
+        theta, phi = split_head(params)
+        lam = jax.tree.map(lambda x: jnp.full_like(x, self.cfg.lam_init), theta)
+        one = {"theta": theta, "phi": phi, "lam": lam, "state": state,
+               "last_round": jnp.asarray(-2, jnp.int32)}
+        clients = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), one)
+        server = {"theta": theta, "state": state, "prev_theta": theta, "prev_state": state,
+                  "round": jnp.asarray(0, jnp.int32)}
+        return server, clients
+
+    def broadcast(self, server):
+        return {"theta": server["theta"], "state": server["state"]}
+
+    def client_update(self, server, client, data, schedule, rng):
+        hp, cfg = self.hp, self.cfg
+        anchor = server["theta"]
+        keep_own = client["last_round"] == server["round"] - 1
+        theta = tree_where(keep_own, client["theta"], anchor)
+        state = tree_where(keep_own, client["state"], server["state"])
+
+        sums = []
+        phi = client["phi"]
+        if hp.personal_epochs > 0:
+            phi, state, s = self.local_sgd(phi, theta, state, data,
+                                           schedule.stream(0, hp.personal_epochs), rng)
+            sums.append(s)
+
+        lam = client["lam"]
+
+        def augmented_lagrangian(th):
+            diff = tree_sub(th, anchor)
+            return tree_vdot(lam, diff) + 0.5 * cfg.rho * tree_sq_norm(diff)
+
+        theta, state, s = self.local_sgd(theta, phi, state, data,
+                                         schedule.stream(0, hp.local_epochs), rng,
+                                         penalty=augmented_lagrangian)
+        sums.append(s)
+        lam = tree_add(lam, tree_sub(theta, anchor), cfg.rho)
+
+        sent = tree_add(theta, lam, 1.0 / cfg.rho) if cfg.dual_in_average else theta
+        upload = {"theta": sent, "state": state}
+        new_client = {"theta": theta, "phi": phi, "lam": lam, "state": state,
+                      "last_round": server["round"]}
+        return new_client, upload, {"phase": phase_stats(*sums),
+                                    "downloaded": as_float(~keep_own)}
+
+    def server_update(self, server, uploads, weights):
+        mean = weighted_mean(uploads, weights)
+        return {"theta": mean["theta"], "state": mean["state"],
+                "prev_theta": server["theta"], "prev_state": server["state"],
+                "round": server["round"] + 1}
+
+    def eval_params(self, server, client):
+        return merge(client["theta"], client["phi"]), client["state"]
+
+    def adapt_unseen(self, server, init_params, init_state, data, schedule, rng):
+        """theta from the start of the last round, the initial head, head-only training."""
+        theta, state = server["prev_theta"], server["prev_state"]
+        _, phi = split_head(init_params)
+        if self.hp.personal_epochs > 0:
+            phi, state, _ = self.local_sgd(phi, theta, state, data,
+                                           schedule.stream(0, self.hp.personal_epochs), rng)
+        return merge(theta, phi), state

@@ -1,0 +1,315 @@
+"""The round loop: sample a cohort, run its clients, aggregate, evaluate, log.
+
+The engine owns everything an algorithm must not: client sampling and the JAX key chain
+(both follow the reference, spec 2.1), batching into padded schedules, the executors,
+evaluation of every seen client, byte counting from the pytrees exchanged, timing, and
+the run directory.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from tqdm import tqdm
+
+from data.federated import ClientSplit, FederatedData
+from trainers.algorithms.base import Algorithm, key_words
+from trainers.executors import Executor, default_executor
+from trainers.local import PHASE_STATS, ClientData, Schedule
+from utils.pytree import all_finite, index, split_head, tree_bytes, tree_size
+from utils.rundir import RunDir
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or inf; the message names the round, client and quantity."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Engine settings. `num_rounds` + 1 rounds are run, as in the reference."""
+
+    num_rounds: int = 150
+    seed: int = 100
+    clients_per_round: float = 0.1
+    batch_size: int = 10
+    eval_every: int = 1
+    executor: str = ""
+    vmap_chunk: int = 10
+    eval_chunk: int = 32
+    sample_with_replacement: bool = False
+    quiet: bool = False
+
+
+def _pad_clients(splits: list[ClientSplit], multiple: int) -> tuple[np.ndarray, ...]:
+    """Stacks clients' examples into (clients, n_pad, ...) with an example mask."""
+    n_max = max(s.n for s in splits)
+    n_pad = -(-n_max // multiple) * multiple
+    x = np.zeros((len(splits), n_pad) + splits[0].x.shape[1:], splits[0].x.dtype)
+    y = np.zeros((len(splits), n_pad) + splits[0].y.shape[1:], splits[0].y.dtype)
+    mask = np.zeros((len(splits), n_pad), bool)
+    for i, s in enumerate(splits):
+        x[i, :s.n], y[i, :s.n], mask[i, :s.n] = s.x, s.y, True
+    return x, y, mask
+
+
+class Batcher:
+    """Per-epoch shuffles seeded like the reference: epoch e of a stream uses
+    RandomState(seed0 + e).permutation(n), seed0 a word of the client's key; the last
+    incomplete batch is dropped; the batch is min(n_i, B) (B = -1: the whole client)."""
+
+    def __init__(self, sizes: np.ndarray, batch_size: int):
+        self.sizes = sizes
+        batches = np.where(batch_size == -1, sizes, np.minimum(sizes, batch_size))
+        self.batch = batches.astype(int)
+        self.steps = (sizes // self.batch).astype(int)
+        self.max_batch = int(self.batch.max())
+        self.max_steps = int(self.steps.max())
+
+    def schedule(self, client: int, streams: tuple[tuple[int, int], ...],
+                 key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+        words = key_words(key)
+        epochs = max(e for _, e in streams)
+        shape = (len(streams), max(epochs, 1), self.max_steps, self.max_batch)
+        idx, mask = np.zeros(shape, np.int32), np.zeros(shape, bool)
+        n, b, steps = int(self.sizes[client]), int(self.batch[client]), int(self.steps[client])
+        for s, (word, stream_epochs) in enumerate(streams):
+            for e in range(stream_epochs):
+                perm = np.random.RandomState((words[word] + e) % 2**32).permutation(n)
+                idx[s, e, :steps, :b] = perm[:steps * b].reshape(steps, b)
+                mask[s, e, :steps, :b] = True
+        return idx, mask
+
+
+class Engine:
+    def __init__(self, data: FederatedData, task: Any, algorithm: Algorithm, cfg: RunConfig,
+                 run_dir: RunDir | None = None):
+        self.data, self.task, self.alg, self.cfg, self.run_dir = data, task, algorithm, cfg, run_dir
+        self.executor = Executor(cfg.executor or default_executor(), cfg.vmap_chunk)
+        self.num_clients = len(data.train)
+        self.cohort_size = int((cfg.clients_per_round * self.num_clients) // 1)
+        if self.cohort_size < 1:
+            raise ValueError(f"clients_per_round={cfg.clients_per_round} samples no client "
+                             f"out of {self.num_clients}; use a fraction in (0, 1]")
+        self.sizes = np.array([s.n for s in data.train])
+        self.batcher = Batcher(self.sizes, cfg.batch_size)
+        x, y, m = _pad_clients(data.train, cfg.eval_chunk)
+        self.train = (jnp.asarray(x), jnp.asarray(y), jnp.asarray(m))
+        x, y, m = _pad_clients(data.test, cfg.eval_chunk)
+        self.test = (jnp.asarray(x), jnp.asarray(y), jnp.asarray(m))
+        self._client_fn = lambda server, c: algorithm.client_update(server, *c)
+        self._eval_fn = self._make_eval_fn()
+        self._unseen_fn = self._make_unseen_fn()
+        self._server_update = jax.jit(algorithm.server_update)
+        self._scatter = jax.jit(
+            lambda tree, rows, new: jax.tree.map(lambda a, b: a.at[rows].set(b), tree, new))
+
+    # ----------------------------------------------------------------- evaluation
+    def _score(self, params, state, x, y, mask, rng):
+        """Sums of correct / loss / count over one client's padded examples, in chunks."""
+        chunk = self.cfg.eval_chunk
+        xs = x.reshape((-1, chunk) + x.shape[1:])
+        ys = y.reshape((-1, chunk) + y.shape[1:])
+        ms = mask.reshape(-1, chunk)
+
+        def one_chunk(args):
+            cx, cy, cm = args
+            out, _ = self.task.apply(params, state, rng, cx, False)
+            return self.task.eval_sums(out.logits, cy, cm)
+
+        zero = jax.eval_shape(one_chunk, (xs[0], ys[0], ms[0]))
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+        sums = lax.map(lambda a: lax.cond(jnp.any(a[2]), one_chunk, lambda _: zero, a),
+                       (xs, ys, ms))
+        return jax.tree.map(lambda s: jnp.sum(s, 0), sums)
+
+    def _make_eval_fn(self):
+        def eval_client(shared, c):
+            server, rng = shared
+            client, xtr, ytr, mtr, xte, yte, mte = c
+            params, state = self.alg.eval_params(server, client)
+            return {"train": self._score(params, state, xtr, ytr, mtr, rng),
+                    "test": self._score(params, state, xte, yte, mte, rng)}
+        return eval_client
+
+    def _make_unseen_fn(self):
+        def adapt_and_eval(shared, c):
+            server, init_params, init_state, rng = shared
+            data, schedule, key, xtr, ytr, mtr, xte, yte, mte = c
+            params, state = self.alg.adapt_unseen(server, init_params, init_state, data,
+                                                  schedule, key)
+            return {"train": self._score(params, state, xtr, ytr, mtr, rng),
+                    "test": self._score(params, state, xte, yte, mte, rng)}
+        return adapt_and_eval
+
+    def evaluate(self, server, clients, rng) -> dict[str, float]:
+        per_client = (clients,) + self.train + self.test
+        sums = self.executor(self._eval_fn, (server, rng), per_client)
+        return _pooled(sums)
+
+    # ----------------------------------------------------------------- training
+    def _cohort(self, rs: np.random.RandomState) -> np.ndarray:
+        return rs.choice(self.num_clients, self.cohort_size,
+                         replace=self.cfg.sample_with_replacement)
+
+    def _client_inputs(self, cohort: np.ndarray, key: jax.Array):
+        idx, mask, keys = [], [], []
+        for t in cohort:
+            key = jax.random.fold_in(key, int(t))
+            i, m = self.batcher.schedule(int(t), self.alg.streams, key)
+            idx.append(i)
+            mask.append(m)
+            keys.append(key)
+        schedule = Schedule(jnp.asarray(np.stack(idx)), jnp.asarray(np.stack(mask)))
+        return schedule, jnp.stack(keys), key
+
+    def run(self) -> dict[str, Any]:
+        cfg, alg = self.cfg, self.alg
+        rs = np.random.RandomState(12 + cfg.seed)
+        if self.data.unseen_train:
+            rs.choice(self.num_clients, len(self.data.unseen_train))  # the reference's draw
+        key = jax.random.PRNGKey(cfg.seed)
+        example = jnp.asarray(self.data.train[0].x[:2])
+        init_params, init_state = self.task.model.init(jax.random.PRNGKey(cfg.seed), example)
+        server, clients = alg.init(init_params, init_state, self.num_clients)
+        self._announce(init_params, init_state)
+        if alg.extra_initial_draw:
+            rs.choice(self.num_clients, self.cohort_size)
+        eval_rng = jax.random.PRNGKey(cfg.seed + 1)
+
+        history: list[dict[str, Any]] = []
+        bar = tqdm(range(cfg.num_rounds + 1), desc=f"{alg.name} {self.data.name}",
+                   disable=cfg.quiet, dynamic_ncols=True)
+        for r in bar:
+            t0 = time.perf_counter()
+            key = jax.random.fold_in(key, r)
+            cohort = self._cohort(rs)
+            schedule, keys, key = self._client_inputs(cohort, key)
+            rows = jnp.asarray(cohort)
+            data = ClientData(self.train[0][rows], self.train[1][rows])
+            cohort_clients = index(clients, rows)
+            new_clients, uploads, stats = self.executor(
+                self._client_fn, server, (cohort_clients, data, schedule, keys))
+            self._check_finite(r, cohort, stats, uploads)
+            down_tree = alg.broadcast(server)
+            weights = alg.aggregation_weights(jnp.asarray(self.sizes[cohort]))
+            server = self._server_update(server, uploads, weights)
+            clients = self._scatter(clients, rows, new_clients)
+            jax.block_until_ready((server, clients))
+            t1 = time.perf_counter()
+
+            record = {"round": r, "train_seconds": t1 - t0,
+                      "up_bytes": tree_bytes(index(uploads, 0)) * len(cohort),
+                      "down_bytes": int(round(float(jnp.sum(stats["downloaded"]))))
+                      * tree_bytes(down_tree)}
+            record.update(_phase_means(stats["phase"], self.task.model.is_deq))
+            if r % cfg.eval_every == 0 or r == cfg.num_rounds:
+                record.update(self.evaluate(server, clients, eval_rng))
+                record["eval_seconds"] = time.perf_counter() - t1
+                record["seconds"] = time.perf_counter() - t0
+                history.append(record)
+                if self.run_dir:
+                    self.run_dir.log_round(record)
+                bar.set_postfix(test_acc=f"{record['test_acc']:.4f}",
+                                train_acc=f"{record['train_acc']:.4f}")
+
+        unseen = self._unseen(server, init_params, init_state, key, eval_rng)
+        return self._summary(history, unseen, init_params)
+
+    def _unseen(self, server, init_params, init_state, key, eval_rng) -> dict | None:
+        if not self.data.unseen_train:
+            return None
+        sizes = np.array([s.n for s in self.data.unseen_train])
+        batcher = Batcher(sizes, self.cfg.batch_size)
+        idx, mask, keys = [], [], []
+        for t in range(len(sizes)):
+            key = jax.random.fold_in(key, t)
+            i, m = batcher.schedule(t, self.alg.streams, key)
+            idx.append(i)
+            mask.append(m)
+            keys.append(key)
+        multiple = self.cfg.eval_chunk
+        xtr, ytr, mtr = (jnp.asarray(a) for a in _pad_clients(self.data.unseen_train, multiple))
+        xte, yte, mte = (jnp.asarray(a) for a in _pad_clients(self.data.unseen_test, multiple))
+        schedule = Schedule(jnp.asarray(np.stack(idx)), jnp.asarray(np.stack(mask)))
+        per_client = (ClientData(xtr, ytr), schedule, jnp.stack(keys), xtr, ytr, mtr,
+                      xte, yte, mte)
+        sums = self.executor(self._unseen_fn, (server, init_params, init_state, eval_rng),
+                             per_client)
+        result = _pooled(sums)
+        if self.run_dir:
+            self.run_dir.write_unseen(result["train_acc"], result["test_acc"],
+                                      {"unseen": True, **result})
+        return result
+
+    # ----------------------------------------------------------------- reporting
+    def _check_finite(self, r: int, cohort: np.ndarray, stats, uploads) -> None:
+        finite = jax.vmap(all_finite)(uploads) & jnp.isfinite(stats["phase"][:, 1])
+        bad = np.flatnonzero(~np.asarray(finite))
+        if bad.size:
+            i = int(bad[0])
+            what = ("training loss" if not np.isfinite(np.asarray(stats["phase"][i, 1]))
+                    else "uploaded parameters")
+            raise NonFiniteError(f"round {r}: client {int(cohort[i])} produced a non-finite "
+                                 f"{what}; lower the learning rate (-lr) or check the data")
+
+    def _announce(self, params, state) -> None:
+        shared, head = split_head(params)
+        lines = [
+            f"model {self.task.model.name}: {tree_size(params):,} params "
+            f"({tree_bytes(params) / 1e6:.2f} MB), shared {tree_size(shared):,} "
+            f"({tree_bytes(shared) / 1e6:.2f} MB), head {tree_size(head):,} "
+            f"({tree_bytes(head) / 1e6:.3f} MB), model state {tree_size(state):,}",
+            f"data: {self.data.summary()}",
+            f"algorithm {self.alg.name}: {self.cohort_size} of {self.num_clients} clients per "
+            f"round, {self.cfg.num_rounds + 1} rounds, executor {self.executor.kind}",
+        ]
+        if not self.cfg.quiet:
+            print("\n".join(lines), flush=True)
+        self.model_info = {"params": tree_size(params), "shared": tree_size(shared),
+                           "head": tree_size(head), "params_bytes": tree_bytes(params),
+                           "shared_bytes": tree_bytes(shared), "head_bytes": tree_bytes(head)}
+
+    def _summary(self, history, unseen, init_params) -> dict[str, Any]:
+        last = history[-1]
+        steady = history[1:] or history
+        summary = {
+            "algorithm": self.alg.name, "dataset": self.data.name,
+            "model": self.task.model.name, "rounds": len(history),
+            "final_train_acc": last["train_acc"], "final_test_acc": last["test_acc"],
+            "mean_train_seconds": float(np.mean([h["train_seconds"] for h in steady])),
+            "mean_eval_seconds": float(np.mean([h["eval_seconds"] for h in steady])),
+            "up_bytes_per_client": last["up_bytes"] / max(self.cohort_size, 1),
+            **self.model_info,
+        }
+        if unseen:
+            summary["unseen_train_acc"] = unseen["train_acc"]
+            summary["unseen_test_acc"] = unseen["test_acc"]
+        if self.run_dir:
+            self.run_dir.write_summary(summary)
+        return summary
+
+
+def _pooled(sums: dict) -> dict[str, float]:
+    out = {}
+    for split in ("train", "test"):
+        s = jax.tree.map(lambda v: float(jnp.sum(v)), sums[split])
+        out[f"{split}_acc"] = s["correct"] / max(s["count"], 1.0)
+        out[f"{split}_loss"] = s["loss"] / max(s["count"], 1.0)
+    return out
+
+
+def _phase_means(phase: jnp.ndarray, is_deq: bool) -> dict[str, float]:
+    total = np.asarray(jnp.sum(phase, 0), np.float64)
+    stat = dict(zip(PHASE_STATS, total.tolist(), strict=True))
+    steps, bwd_steps = max(stat["steps"], 1.0), max(stat["bwd_steps"], 1.0)
+    out = {"local_loss": stat["loss"] / steps}
+    if is_deq:
+        out.update(solver_iters=stat["fwd_iters"] / steps,
+                   solver_residual=stat["fwd_residual"] / steps,
+                   bwd_iters=stat["bwd_iters"] / bwd_steps,
+                   bwd_residual=stat["bwd_residual"] / bwd_steps)
+    return out

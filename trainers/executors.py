@@ -1,0 +1,67 @@
+"""How a cohort's clients run: `vmap` (all at once), `map` (one after another inside one
+compiled program) or `loop` (a Python loop over one jitted client, like the reference).
+
+All three run the same per-client function and give the same numbers up to float
+tolerance. On CPU, `vmap` over clients with their own weights turns convolutions into
+grouped convolutions and was measured slower than a loop, so the default is chosen per
+backend from the benchmark (docs/PERFORMANCE.md), not assumed.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from utils.pytree import index, stack
+
+EXECUTORS = ("loop", "map", "vmap")
+ClientFn = Callable[[Any, Any], Any]
+
+
+def default_executor() -> str:
+    """The fastest executor measured on this backend (see benchmarks/round_time.py)."""
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+
+
+def _num_clients(per_client: Any) -> int:
+    return jax.tree.leaves(per_client)[0].shape[0]
+
+
+class Executor:
+    """Runs `fn(shared, one_client)` for every client of `per_client` (leading axis)."""
+
+    def __init__(self, kind: str, vmap_chunk: int = 10):
+        if kind not in EXECUTORS:
+            raise ValueError(f"executor {kind!r} unknown; allowed: {', '.join(EXECUTORS)}")
+        self.kind = kind
+        self.vmap_chunk = vmap_chunk
+        self._compiled: dict[int, Callable] = {}
+
+    def __call__(self, fn: ClientFn, shared: Any, per_client: Any) -> Any:
+        key = id(fn)
+        if key not in self._compiled:
+            self._compiled[key] = self._compile(fn)
+        return self._compiled[key](shared, per_client)
+
+    def _compile(self, fn: ClientFn) -> Callable:
+        if self.kind == "loop":
+            one = jax.jit(fn)
+            return lambda shared, pc: stack(
+                [one(shared, index(pc, i)) for i in range(_num_clients(pc))])
+        if self.kind == "map":
+            return jax.jit(lambda shared, pc: lax.map(lambda c: fn(shared, c), pc))
+        batched = jax.jit(jax.vmap(fn, in_axes=(None, 0)))
+
+        def run_chunks(shared, pc):
+            n = _num_clients(pc)
+            outs = []
+            for start in range(0, n, self.vmap_chunk):
+                rows = jnp.minimum(jnp.arange(start, start + self.vmap_chunk), n - 1)
+                take = min(self.vmap_chunk, n - start)
+                out = batched(shared, index(pc, rows))
+                outs.append(jax.tree.map(lambda x, take=take: x[:take], out))
+            return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+
+        return run_chunks

@@ -1,0 +1,158 @@
+"""From validated settings to finished run directories (one per repeat)."""
+
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.registry import load_dataset
+from deq.config import SolverConfig
+from models.registry import build_model
+from trainers.algorithms.base import HParams
+from trainers.algorithms.fedeq import FedEQConfig
+from trainers.engine import Engine, RunConfig
+from trainers.registry import resolve_trainer
+from trainers.task import ClassificationTask
+from utils.rundir import RunDir
+
+_DEFAULT_CLIENTS = {"synthetic": 30, "femnist": 100}
+_DEFAULT_ROUNDS = {"synthetic": 10}
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    trainer: str
+    model: str
+    dataset: str
+    data_dir: str
+    num_clients: int
+    outdir: str
+    repeat: int
+    frac_unseen: float
+    run: RunConfig
+    hp: HParams
+    solver: SolverConfig
+    fedeq: FedEQConfig
+    l2_reg: float
+    flags: dict
+
+    @staticmethod
+    def from_flags(f: Any, default_model, default_outdir) -> "RunRequest":
+        """Checks every flag before any work, with a message that says what is allowed."""
+        entry = resolve_trainer(f.trainer)  # raises with the allowed names
+        del entry
+        dataset = f.dataset
+        num_clients = f.num_clients or _DEFAULT_CLIENTS.get(dataset, 100)
+        rounds = f.num_rounds if f.num_rounds is not None else _DEFAULT_ROUNDS.get(dataset, 400)
+        model = f.model or default_model(dataset, f.trainer)
+        _check(0 < f.clients_per_round <= 1, f"--clients_per_round must be in (0, 1], got "
+               f"{f.clients_per_round}")
+        _check(0 <= f.frac_unseen < 1, f"--frac_unseen must be in [0, 1), got {f.frac_unseen}")
+        _check(int(f.frac_unseen * num_clients) < num_clients,
+               "--frac_unseen leaves no seen client")
+        _check(rounds >= 0, f"--num_rounds must be >= 0, got {rounds}")
+        _check(f.eval_every >= 1, f"--eval_every must be >= 1, got {f.eval_every}")
+        _check(f.batch_size == -1 or f.batch_size >= 1, "--batch_size must be >= 1 or -1")
+        _check(f.inner_epochs >= 1, "--inner_epochs must be >= 1")
+        _check(f.personalized_epochs >= 0, "--personalized_epochs must be >= 0")
+        _check(f.repeat >= 1, "--repeat must be >= 1")
+        _check(f.learning_rate > 0, "--learning_rate must be > 0")
+        _check(f.rho > 0, "--rho must be > 0")
+        flag_values = {name: f[name].value for name in f
+                       if f[name].__class__.__module__.startswith("absl")
+                       and name in _OUR_FLAGS}
+        return RunRequest(
+            trainer=f.trainer, model=model, dataset=dataset, data_dir=f.data_dir,
+            num_clients=num_clients,
+            outdir=f.outdir or default_outdir(f.trainer, dataset, num_clients, model),
+            repeat=f.repeat, frac_unseen=f.frac_unseen,
+            run=RunConfig(num_rounds=rounds, seed=f.seed, clients_per_round=f.clients_per_round,
+                          batch_size=f.batch_size, eval_every=f.eval_every,
+                          executor=f.executor or "", eval_chunk=f.eval_chunk, quiet=f.quiet),
+            hp=HParams(lr=f.learning_rate, local_epochs=f.inner_epochs,
+                       personal_epochs=f.personalized_epochs,
+                       weighted=not f.unweighted_updates),
+            solver=SolverConfig(fwd_solver=f.fwd_solver, bwd_solver=f.bwd_solver,
+                                fast_conv=f.fast_conv),
+            fedeq=FedEQConfig(rho=f.rho,
+                              lam_init=f.lam_admm if f.fedeq_lam_init_vision else 0.0,
+                              dual_in_average=f.fedeq_dual_average),
+            l2_reg=f.l2_reg,
+            flags={**flag_values, "model": model, "num_clients": num_clients,
+                   "num_rounds": rounds},
+        )
+
+
+_OUR_FLAGS = (
+    "trainer", "model", "dataset", "data_dir", "num_clients", "num_rounds", "seed",
+    "learning_rate", "l2_reg", "eval_every", "clients_per_round", "batch_size", "inner_mode",
+    "inner_epochs", "personalized_epochs", "frac_unseen", "unweighted_updates", "fwd_solver",
+    "bwd_solver", "rho", "lam_admm", "labels_per_client", "outdir", "repeat", "quiet",
+    "executor", "eval_chunk", "fast_conv", "fedeq_dual_average", "fedeq_lam_init_vision",
+)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def build_engine(req: RunRequest, seed: int, run_dir: RunDir | None) -> Engine:
+    data = load_dataset(req.dataset, req.data_dir, req.num_clients, req.frac_unseen, seed)
+    model = build_model(req.model, num_classes=data.num_classes,
+                        input_shape=data.input_shape, solver=req.solver)
+    task = ClassificationTask(model, l2_reg=req.l2_reg)
+    algo_cls = resolve_trainer(req.trainer).algorithm
+    algorithm = (algo_cls(task, req.hp, req.fedeq) if algo_cls.name == "fedeq"
+                 else algo_cls(task, req.hp))
+    return Engine(data, task, algorithm, replace(req.run, seed=seed), run_dir)
+
+
+def run_repeats(req: RunRequest) -> list[dict]:
+    """Runs the repeats one after another (seed + 1000 k, as the reference) in this
+    process; with one repeat the run directory is `outdir` itself."""
+    root = RunDir(req.outdir)
+    root.write_flags(req.flags)
+    summaries = []
+    for k in range(req.repeat):
+        seed = req.run.seed + 1000 * k
+        run_dir = root if req.repeat == 1 else RunDir(Path(req.outdir) / f"run{k}")
+        if req.repeat > 1:
+            run_dir.write_flags({**req.flags, "seed": seed})
+        summary = build_engine(req, seed, run_dir).run()
+        summaries.append(summary)
+    results = [(s["final_train_acc"], s["final_test_acc"]) for s in summaries]
+    root.write_final_result(results)
+    test = np.array([r[1] for r in results])
+    overall = {"repeats": summaries, "final_test_acc_mean": float(test.mean()),
+               "final_test_acc_std": float(test.std()),
+               "settings": {k: v for k, v in asdict(req.run).items()}}
+    if req.repeat > 1:
+        root.write_summary(overall)
+    _print_summary(req, summaries, test)
+    return summaries
+
+
+def _print_summary(req: RunRequest, summaries: list[dict], test: np.ndarray) -> None:
+    s = summaries[-1]
+    lines = [
+        "",
+        f"== {s['algorithm']} on {s['dataset']} with {s['model']} "
+        f"({s['rounds']} evaluated rounds, {req.repeat} run(s)) ==",
+        f"final train acc   {s['final_train_acc']:.4f}",
+        f"final test acc    {s['final_test_acc']:.4f}",
+    ]
+    if "unseen_test_acc" in s:
+        lines.append(f"unseen test acc   {s['unseen_test_acc']:.4f} "
+                     f"(train {s['unseen_train_acc']:.4f})")
+    lines += [
+        f"seconds per round {s['mean_train_seconds']:.2f} training + "
+        f"{s['mean_eval_seconds']:.2f} evaluation",
+        f"upload per client {s['up_bytes_per_client'] / 1e6:.3f} MB per round",
+        f"final test metric: {100 * test.mean():.2f} ± {100 * test.std():.2f}",
+        f"run directory     {req.outdir}",
+    ]
+    print("\n".join(lines), flush=True)
+

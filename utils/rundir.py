@@ -1,0 +1,74 @@
+"""A run directory: flags, one metrics line per evaluated round, and the reference's files.
+
+Files are replaced atomically (write to a temporary file, then rename) so that a run
+killed at any moment never leaves a half-written file behind; `metrics.jsonl` and the
+per-round text files are appended one complete line at a time.
+"""
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.5f}" for v in values) + "]"
+
+
+class RunDir:
+    """Writes one run's files. `metrics.jsonl` is the complete record; `output.txt`,
+    `losses.txt`, `unseen.txt` and `final_result.txt` keep the reference's formats."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_flags(self, flags: dict[str, Any]) -> None:
+        atomic_write(self.path / "flags.json", json.dumps(flags, indent=2, sort_keys=True))
+        atomic_write(self.path / "args.txt",
+                     "\n".join(f"{k}: {flags[k]!r}" for k in sorted(flags)) + "\n")
+        atomic_write(self.path / "command.txt", " ".join(sys.argv) + "\n")
+
+    def _append(self, name: str, line: str) -> None:
+        with open(self.path / name, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        self._append("metrics.jsonl", json.dumps(record, sort_keys=True))
+        self._append("output.txt", _fmt([record["train_acc"], record["test_acc"]]))
+        self._append("losses.txt", _fmt([record["train_loss"], record["test_loss"]]))
+
+    def write_unseen(self, train_acc: float, test_acc: float, record: dict[str, Any]) -> None:
+        atomic_write(self.path / "unseen.txt", _fmt([train_acc, test_acc]) + "\n")
+        self._append("metrics.jsonl", json.dumps(record, sort_keys=True))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
+
+    def write_final_result(self, results: list[tuple[float, float]]) -> None:
+        """The reference's layout: the (repeats x 2) array, then [mean, std] of test acc."""
+        import numpy as np
+
+        arr = np.asarray(results, dtype=np.float64).reshape(-1, 2)
+        test = arr[:, 1]
+        text = (np.array2string(arr, precision=5, separator=", ") + "\n"
+                + _fmt([float(test.mean()), float(test.std())]) + "\n")
+        atomic_write(self.path / "final_result.txt", text)
