@@ -5,6 +5,7 @@ synthetic federated dataset (no download) in about a minute on 2 CPU cores.
 """
 
 import datetime
+import logging
 import os
 import sys
 
@@ -63,6 +64,8 @@ flags.DEFINE_alias("local_epochs", "inner_epochs")
 flags.DEFINE_enum("executor", None, EXECUTORS, "how a cohort's clients run (default: the "
                   "fastest measured on this backend)")
 flags.DEFINE_integer("eval_chunk", 32, "examples per evaluation batch")
+flags.DEFINE_enum("anderson_impl", "batched", ["batched", "jaxopt"], "Anderson for the whole "
+                  "batch in one loop, or jaxopt's solver vmapped per example (same iterates)")
 flags.DEFINE_bool("fast_conv", True, "hand-written convolution gradient in the DEQ block "
                   "(same numbers, faster on CPU)")
 flags.DEFINE_bool("fedeq_dual_average", False, "textbook consensus ADMM: the server "
@@ -84,6 +87,7 @@ def _outdir(trainer: str, dataset: str, num_clients: int, model: str) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
     from trainers.run import RunRequest, run_repeats
 
     request = RunRequest.from_flags(FLAGS, _default_model, _outdir)

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 FWD_SOLVERS = ("anderson", "fpi", "broyden")
 BWD_SOLVERS = ("normal_cg", "gmres")
+ANDERSON_IMPLS = ("batched", "jaxopt")
 
 # Per-solver (maxiter, tol) of the reference (spec 5.1): Anderson 20 / 1e-3 absolute,
 # fixed-point iteration 20 / 1e-2, Broyden 50 / 1e-3.
@@ -16,7 +17,9 @@ class SolverConfig:
 
     `fwd_maxiter` / `fwd_tol` left as None take the reference's value for the chosen
     forward solver. `fast_conv` swaps the 3x3 convolutions inside the equilibrium block
-    for ones whose gradient is a forward convolution (same numbers, much faster on CPU).
+    for ones whose gradient is a forward convolution (same numbers, much faster on CPU). `anderson_impl` "batched" runs jaxopt's Anderson
+    arithmetic for the whole batch in one loop (deq/anderson.py); "jaxopt" vmaps jaxopt's
+    own solver over the examples as the reference does. Both give the same iterates.
     """
 
     fwd_solver: str = "anderson"
@@ -28,10 +31,14 @@ class SolverConfig:
     bwd_maxiter: int = 50
     bwd_tol: float = 1e-3
     fast_conv: bool = True
+    anderson_impl: str = "batched"
 
     def __post_init__(self) -> None:
         if self.fwd_solver not in FWD_SOLVERS:
             raise ValueError(f"fwd_solver {self.fwd_solver!r} unknown; allowed: {FWD_SOLVERS}")
+        if self.anderson_impl not in ANDERSON_IMPLS:
+            raise ValueError(f"anderson_impl {self.anderson_impl!r} unknown; allowed: "
+                             f"{ANDERSON_IMPLS}")
         if self.bwd_solver not in BWD_SOLVERS:
             raise ValueError(f"bwd_solver {self.bwd_solver!r} unknown; allowed: {BWD_SOLVERS}")
 

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from deq.anderson import batched_anderson
 from deq.config import SolverConfig
 from deq.linear import BACKWARD_SOLVERS
 from deq.solvers import forward_solve
@@ -18,41 +19,54 @@ from deq.stats import SolverStats
 BlockFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
-def _relative_residual(m, w: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
-    return jnp.linalg.norm((m(w) - g).ravel()) / jnp.maximum(jnp.linalg.norm(g.ravel()), 1e-30)
+def _per_example(f: BlockFn) -> BlockFn:
+    return lambda params, z, u: f(params, z[None], u[None])[0]
 
 
-def _single_example_solver(f: BlockFn, cfg: SolverConfig):
-    """A custom-vjp solve of one example; `f` works on batches, so add a unit batch axis."""
+def _forward(f: BlockFn, params, u, z0, cfg: SolverConfig):
+    """(z*, iterations, residual) per example."""
+    if cfg.fwd_solver == "anderson" and cfg.anderson_impl == "batched":
+        return batched_anderson(lambda z: f(params, z, u), z0, cfg.anderson_history,
+                                cfg.anderson_ridge, cfg.maxiter, cfg.tol)
+    f1 = _per_example(f)
+    return jax.vmap(lambda uu, zz: forward_solve(lambda z: f1(params, z, uu), zz, cfg))(u, z0)
 
-    def f1(params, z, u):
-        return f(params, z[None], u[None])[0]
 
-    def forward(params, u, z0):
-        return forward_solve(lambda z: f1(params, z, u), z0, cfg)
+def _backward_one(f: BlockFn, params, cfg: SolverConfig):
+    """Solves (I - J^T) w = g for one example; returns (w, iterations, relative residual)."""
+    f1 = _per_example(f)
 
-    @jax.custom_vjp
-    def solve(params, u, z0, probe):
-        del probe
-        return forward(params, u, z0)
-
-    def solve_fwd(params, u, z0, probe):
-        del probe
-        z, iters, residual = forward(params, u, z0)
-        return (z, iters, residual), (params, u, z, z0)
-
-    def solve_bwd(saved, cotangents):
-        params, u, z, z0 = saved
-        g = cotangents[0]
+    def solve(z, u, g):
         _, vjp_z = jax.vjp(lambda zz: f1(params, zz, u), z)
         vjp = lambda v: vjp_z(v)[0]
         _, transpose_of_vjp = jax.vjp(vjp, jnp.zeros_like(z))
         jvp = lambda x: transpose_of_vjp(x)[0]
         w, iters = BACKWARD_SOLVERS[cfg.bwd_solver](vjp, jvp, g, cfg.bwd_tol, cfg.bwd_maxiter)
-        residual = _relative_residual(lambda v: v - vjp(v), w, g)
-        _, vjp_params_u = jax.vjp(lambda p, uu: f1(p, z, uu), params, u)
+        gap = w - vjp(w) - g
+        residual = jnp.linalg.norm(gap.ravel()) / jnp.maximum(jnp.linalg.norm(g.ravel()), 1e-30)
+        return w, iters.astype(jnp.float32), residual
+
+    return solve
+
+
+def _make_solver(f: BlockFn, cfg: SolverConfig):
+    @jax.custom_vjp
+    def solve(params, u, z0, probe):
+        del probe
+        return _forward(f, params, u, z0, cfg)
+
+    def solve_fwd(params, u, z0, probe):
+        del probe
+        z, iters, residual = _forward(f, params, u, z0, cfg)
+        return (z, iters, residual), (params, u, z, z0)
+
+    def solve_bwd(saved, cotangents):
+        params, u, z, z0 = saved
+        # Every example has its own linear solve and stopping test, as in the reference.
+        w, iters, residual = jax.vmap(_backward_one(f, params, cfg))(z, u, cotangents[0])
+        _, vjp_params_u = jax.vjp(lambda p, uu: f(p, z, uu), params, u)
         d_params, d_u = vjp_params_u(w)
-        probe_ct = jnp.stack([iters.astype(jnp.float32), residual.astype(jnp.float32)])
+        probe_ct = jnp.stack([jnp.sum(iters), jnp.sum(residual)])
         return d_params, d_u, jnp.zeros_like(z0), probe_ct
 
     solve.defvjp(solve_fwd, solve_bwd)
@@ -73,6 +87,6 @@ def fixed_point(f: BlockFn, params: Any, u: jnp.ndarray, z0: jnp.ndarray,
     """
     if probe is None:
         probe = jnp.zeros((2,), jnp.float32)
-    solve = _single_example_solver(f, cfg)
-    z, iters, residual = jax.vmap(solve, in_axes=(None, 0, 0, None))(params, u, z0, probe)
-    return z, SolverStats(jnp.mean(iters), jnp.mean(residual))
+    z, iters, residual = _make_solver(f, cfg)(params, u, z0, probe)
+    return z, SolverStats(jnp.mean(iters.astype(jnp.float32)),
+                          jnp.mean(residual.astype(jnp.float32)))

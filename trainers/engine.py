@@ -267,8 +267,7 @@ class Engine:
             f"algorithm {self.alg.name}: {self.cohort_size} of {self.num_clients} clients per "
             f"round, {self.cfg.num_rounds + 1} rounds, executor {self.executor.kind}",
         ]
-        if not self.cfg.quiet:
-            print("\n".join(lines), flush=True)
+        print("\n".join(lines), flush=True)  # -q silences per-round output only
         self.model_info = {"params": tree_size(params), "shared": tree_size(shared),
                            "head": tree_size(head), "params_bytes": tree_bytes(params),
                            "shared_bytes": tree_bytes(shared), "head_bytes": tree_bytes(head)}

@@ -18,7 +18,7 @@ from trainers.task import ClassificationTask
 from utils.rundir import RunDir
 
 _DEFAULT_CLIENTS = {"synthetic": 30, "femnist": 100}
-_DEFAULT_ROUNDS = {"synthetic": 10}
+_DEFAULT_ROUNDS = {"synthetic": 30}
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class RunRequest:
                        personal_epochs=f.personalized_epochs,
                        weighted=not f.unweighted_updates),
             solver=SolverConfig(fwd_solver=f.fwd_solver, bwd_solver=f.bwd_solver,
-                                fast_conv=f.fast_conv),
+                                fast_conv=f.fast_conv, anderson_impl=f.anderson_impl),
             fedeq=FedEQConfig(rho=f.rho,
                               lam_init=f.lam_admm if f.fedeq_lam_init_vision else 0.0,
                               dual_in_average=f.fedeq_dual_average),
@@ -90,7 +90,8 @@ _OUR_FLAGS = (
     "learning_rate", "l2_reg", "eval_every", "clients_per_round", "batch_size", "inner_mode",
     "inner_epochs", "personalized_epochs", "frac_unseen", "unweighted_updates", "fwd_solver",
     "bwd_solver", "rho", "lam_admm", "labels_per_client", "outdir", "repeat", "quiet",
-    "executor", "eval_chunk", "fast_conv", "fedeq_dual_average", "fedeq_lam_init_vision",
+    "executor", "eval_chunk", "fast_conv", "anderson_impl", "fedeq_dual_average",
+    "fedeq_lam_init_vision",
 )
 
 
