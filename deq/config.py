@@ -17,9 +17,10 @@ class SolverConfig:
 
     `fwd_maxiter` / `fwd_tol` left as None take the reference's value for the chosen
     forward solver. `fast_conv` swaps the 3x3 convolutions inside the equilibrium block
-    for ones whose gradient is a forward convolution (same numbers, much faster on CPU). `anderson_impl` "batched" runs jaxopt's Anderson
-    arithmetic for the whole batch in one loop (deq/anderson.py); "jaxopt" vmaps jaxopt's
-    own solver over the examples as the reference does. Both give the same iterates.
+    for ones whose gradient is a forward convolution (same numbers, much faster on CPU).
+    `anderson_impl` "batched" runs jaxopt's Anderson arithmetic for the whole batch in
+    one loop (deq/anderson.py); "jaxopt" vmaps jaxopt's own solver over the examples as
+    the reference does. Both give the same iterates.
     """
 
     fwd_solver: str = "anderson"
