@@ -63,6 +63,8 @@ flags.DEFINE_alias("local_epochs", "inner_epochs")
 # Ours.
 flags.DEFINE_enum("executor", None, EXECUTORS, "how a cohort's clients run (default: the "
                   "fastest measured on this backend)")
+flags.DEFINE_integer("eval_train_every", 1, "score the (large) train split only every this "
+                     "many rounds and the last; other rounds log it as NaN / null")
 flags.DEFINE_integer("eval_chunk", 32, "examples per evaluation batch")
 flags.DEFINE_enum("anderson_impl", "batched", ["batched", "jaxopt"], "Anderson for the whole "
                   "batch in one loop, or jaxopt's solver vmapped per example (same iterates)")

@@ -1,6 +1,7 @@
 """From validated settings to finished run directories (one per repeat)."""
 
 
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -54,15 +55,16 @@ class RunRequest:
                "--frac_unseen leaves no seen client")
         _check(rounds >= 0, f"--num_rounds must be >= 0, got {rounds}")
         _check(f.eval_every >= 1, f"--eval_every must be >= 1, got {f.eval_every}")
+        _check(f.eval_train_every >= 1, "--eval_train_every must be >= 1")
         _check(f.batch_size == -1 or f.batch_size >= 1, "--batch_size must be >= 1 or -1")
         _check(f.inner_epochs >= 1, "--inner_epochs must be >= 1")
         _check(f.personalized_epochs >= 0, "--personalized_epochs must be >= 0")
         _check(f.repeat >= 1, "--repeat must be >= 1")
         _check(f.learning_rate > 0, "--learning_rate must be > 0")
         _check(f.rho > 0, "--rho must be > 0")
-        flag_values = {name: f[name].value for name in f
-                       if f[name].__class__.__module__.startswith("absl")
-                       and name in _OUR_FLAGS}
+        # The flags main.py defines (absl's own logging flags are left out).
+        flag_values = {fl.name: fl.value
+                       for fl in f.get_key_flags_for_module(sys.modules["__main__"])}
         return RunRequest(
             trainer=f.trainer, model=model, dataset=dataset, data_dir=f.data_dir,
             num_clients=num_clients,
@@ -70,6 +72,7 @@ class RunRequest:
             repeat=f.repeat, frac_unseen=f.frac_unseen,
             run=RunConfig(num_rounds=rounds, seed=f.seed, clients_per_round=f.clients_per_round,
                           batch_size=f.batch_size, eval_every=f.eval_every,
+                          eval_train_every=f.eval_train_every,
                           executor=f.executor or "", eval_chunk=f.eval_chunk, quiet=f.quiet),
             hp=HParams(lr=f.learning_rate, local_epochs=f.inner_epochs,
                        personal_epochs=f.personalized_epochs,
@@ -85,14 +88,6 @@ class RunRequest:
         )
 
 
-_OUR_FLAGS = (
-    "trainer", "model", "dataset", "data_dir", "num_clients", "num_rounds", "seed",
-    "learning_rate", "l2_reg", "eval_every", "clients_per_round", "batch_size", "inner_mode",
-    "inner_epochs", "personalized_epochs", "frac_unseen", "unweighted_updates", "fwd_solver",
-    "bwd_solver", "rho", "lam_admm", "labels_per_client", "outdir", "repeat", "quiet",
-    "executor", "eval_chunk", "fast_conv", "anderson_impl", "fedeq_dual_average",
-    "fedeq_lam_init_vision",
-)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -16,6 +16,9 @@ from typing import Any
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; keep the user's usual permissions
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -52,7 +55,8 @@ class RunDir:
             f.flush()
 
     def log_round(self, record: dict[str, Any]) -> None:
-        self._append("metrics.jsonl", json.dumps(record, sort_keys=True))
+        clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
+        self._append("metrics.jsonl", json.dumps(clean, sort_keys=True))
         self._append("output.txt", _fmt([record["train_acc"], record["test_acc"]]))
         self._append("losses.txt", _fmt([record["train_loss"], record["test_loss"]]))
 
