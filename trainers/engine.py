@@ -103,7 +103,7 @@ class Engine:
         self.test = (jnp.asarray(x), jnp.asarray(y), jnp.asarray(m))
         self._client_fn = lambda server, c: algorithm.client_update(server, *c)
         self._eval_fns = {True: self._make_eval_fn(True), False: self._make_eval_fn(False)}
-        self._unseen_fn = self._make_unseen_fn()
+        self._adapt_fn, self._unseen_score_fn = self._make_unseen_fns()
         self._server_update = jax.jit(algorithm.server_update)
         self._scatter = jax.jit(
             lambda tree, rows, new: jax.tree.map(lambda a, b: a.at[rows].set(b), tree, new))
@@ -138,15 +138,17 @@ class Engine:
             return sums
         return eval_client
 
-    def _make_unseen_fn(self):
-        def adapt_and_eval(shared, c):
-            server, init_params, init_state, rng = shared
-            data, schedule, key, xtr, ytr, mtr, xte, yte, mte = c
-            params, state = self.alg.adapt_unseen(server, init_params, init_state, data,
-                                                  schedule, key)
+    def _make_unseen_fns(self):
+        def adapt(shared, c):
+            server, init_params, init_state = shared
+            data, schedule, key = c
+            return self.alg.adapt_unseen(server, init_params, init_state, data, schedule, key)
+
+        def score(rng, c):
+            (params, state), xtr, ytr, mtr, xte, yte, mte = c
             return {"train": self._score(params, state, xtr, ytr, mtr, rng),
                     "test": self._score(params, state, xte, yte, mte, rng)}
-        return adapt_and_eval
+        return adapt, score
 
     def evaluate(self, server, clients, rng, with_train: bool = True) -> dict[str, float]:
         """Pooled accuracy and loss over every seen client; the train split is skipped
@@ -197,7 +199,7 @@ class Engine:
             data = ClientData(self.train[0][rows], self.train[1][rows])
             cohort_clients = index(clients, rows)
             new_clients, uploads, stats = self.executor(
-                self._client_fn, server, (cohort_clients, data, schedule, keys))
+                self._client_fn, server, (cohort_clients, data, schedule, keys), trains=True)
             self._check_finite(r, cohort, stats, uploads)
             down_tree = alg.broadcast(server)
             weights = alg.aggregation_weights(jnp.asarray(self.sizes[cohort]))
@@ -241,10 +243,10 @@ class Engine:
         xtr, ytr, mtr = (jnp.asarray(a) for a in _pad_clients(self.data.unseen_train, multiple))
         xte, yte, mte = (jnp.asarray(a) for a in _pad_clients(self.data.unseen_test, multiple))
         schedule = Schedule(jnp.asarray(np.stack(idx)), jnp.asarray(np.stack(mask)))
-        per_client = (ClientData(xtr, ytr), schedule, jnp.stack(keys), xtr, ytr, mtr,
-                      xte, yte, mte)
-        sums = self.executor(self._unseen_fn, (server, init_params, init_state, eval_rng),
-                             per_client)
+        adapted = self.executor(self._adapt_fn, (server, init_params, init_state),
+                                (ClientData(xtr, ytr), schedule, jnp.stack(keys)), trains=True)
+        sums = self.executor(self._unseen_score_fn, eval_rng,
+                             (adapted, xtr, ytr, mtr, xte, yte, mte))
         result = _pooled(sums)
         if self.run_dir:
             self.run_dir.write_unseen(result["train_acc"], result["test_acc"],

@@ -39,15 +39,18 @@ class Executor:
         self.vmap_chunk = vmap_chunk
         self._compiled: dict[int, Callable] = {}
 
-    def __call__(self, fn: ClientFn, shared: Any, per_client: Any) -> Any:
-        key = id(fn)
+    def __call__(self, fn: ClientFn, shared: Any, per_client: Any, trains: bool = False
+                 ) -> Any:
+        """`trains`: fn runs SGD steps. The loop executor then calls it eagerly, so that
+        trainers/local.py runs each step as its own jitted call outside any XLA loop."""
+        key = (id(fn), trains)
         if key not in self._compiled:
-            self._compiled[key] = self._compile(fn)
+            self._compiled[key] = self._compile(fn, trains)
         return self._compiled[key](shared, per_client)
 
-    def _compile(self, fn: ClientFn) -> Callable:
+    def _compile(self, fn: ClientFn, trains: bool) -> Callable:
         if self.kind == "loop":
-            one = jax.jit(fn)
+            one = fn if trains else jax.jit(fn)
             return lambda shared, pc: stack(
                 [one(shared, index(pc, i)) for i in range(_num_clients(pc))])
         if self.kind == "map":

@@ -1,16 +1,24 @@
 """Local SGD over a client's padded schedule: the one training loop every algorithm uses.
 
 A schedule is (epochs, steps, batch) example indices with a mask. Steps are padded to the
-largest client so that every client compiles to the same program; padded steps are
-skipped with `lax.cond` (a real branch under `jit`; under `vmap` both sides run and the
-padded step's result is discarded, so the numbers are the same).
+largest client so that every client compiles to the same program.
+
+Two ways to run the same step function, chosen by whether the schedule is concrete:
+- traced (the `map` and `vmap` executors jit a whole client): `lax.scan` over the padded
+  steps, padded steps skipped with `lax.cond`;
+- concrete (the `loop` executor calls the client update eagerly): a Python loop over the
+  real steps, each one a jitted step. XLA:CPU runs a convolution's gradient 10-35x
+  slower inside any control flow (a scan, a cond, a while loop; jax issue 12868), so on
+  CPU this is much faster; the arithmetic is the same.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -18,6 +26,8 @@ from utils.pytree import merge
 
 PHASE_STATS = ("steps", "loss", "fwd_iters", "fwd_residual", "bwd_steps", "bwd_iters",
                "bwd_residual")
+
+Penalty = Callable[[dict, Any], jnp.ndarray]
 
 
 class ClientData(NamedTuple):
@@ -37,52 +47,85 @@ class Schedule(NamedTuple):
         return Schedule(self.idx[s, :epochs], self.mask[s, :epochs])
 
 
-def sgd_phase(task: Any, lr: float, trainable: dict, frozen: dict, state: dict,
-              data: ClientData, schedule: Schedule, rng: jax.Array,
-              penalty: Callable[[dict], jnp.ndarray] | None = None
-              ) -> tuple[dict, dict, jnp.ndarray]:
-    """Plain SGD (the reference's optax.sgd(lr)) on `trainable`, `frozen` held fixed.
-
-    The objective is the task loss on the batch (+ l2 + `penalty(trainable)`). Returns the
-    new trainable params, the new model state, and a vector of sums in `PHASE_STATS`
-    order (real steps, loss, forward solver iterations and residual, steps with a
-    backward solve, backward iterations and residual).
-    """
+def _make_step(task: Any, lr: float, penalty: Penalty | None) -> Callable:
+    """One SGD step (the reference's optax.sgd(lr)) on `trainable`, `frozen` held fixed."""
     optimizer = optax.sgd(lr)
-    batch = schedule.idx.shape[-1]
-    idx = schedule.idx.reshape(-1, batch)
-    mask = schedule.mask.reshape(-1, batch)
 
-    def objective(tr, probe, st, x, y, m, key):
+    def objective(tr, probe, st, frozen, penalty_args, x, y, m, key):
         out, new_st = task.apply(merge(frozen, tr), st, key, x, True, probe)
         loss = task.loss(out.logits, y, m)
         total = loss + task.l2(tr)
         if penalty is not None:
-            total = total + penalty(tr)
+            total = total + penalty(tr, penalty_args)
         return total, (new_st, loss, out.solver_stats)
 
     grad_fn = jax.grad(objective, argnums=(0, 1), has_aux=True)
 
-    def step(carry, inputs):
+    def step(tr, opt_state, st, frozen, penalty_args, x, y, m, key):
+        batch = m.shape[-1]
+        (g, g_probe), (st, loss, stats) = grad_fn(
+            tr, jnp.zeros((2,), jnp.float32), st, frozen, penalty_args, x, y, m, key)
+        updates, opt_state = optimizer.update(g, opt_state, tr)
+        tr = optax.apply_updates(tr, updates)
+        # Backward statistics exist only where gradients went through a solve.
+        solved = (g_probe[0] != 0).astype(jnp.float32)
+        row = jnp.stack([1.0, loss, stats.fwd_iters, stats.fwd_residual, solved,
+                         g_probe[0] / batch, g_probe[1] / batch])
+        return tr, opt_state, st, row
+
+    return step
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_step(task: Any, lr: float, penalty: Penalty | None) -> Callable:
+    return jax.jit(_make_step(task, lr, penalty))
+
+
+def sgd_phase(task: Any, lr: float, trainable: dict, frozen: dict, state: dict,
+              data: ClientData, schedule: Schedule, rng: jax.Array,
+              penalty: Penalty | None = None, penalty_args: Any = None
+              ) -> tuple[dict, dict, jnp.ndarray]:
+    """SGD over the schedule on the task loss (+ l2 + `penalty(trainable, penalty_args)`).
+
+    `penalty` must be a module-level function (it keys the compiled step); whatever it
+    depends on travels in `penalty_args`. Returns the new trainable params, the new model
+    state, and a vector of sums in `PHASE_STATS` order (real steps, loss, forward solver
+    iterations and residual, steps with a backward solve, backward iterations and
+    residual).
+    """
+    optimizer = optax.sgd(lr)
+    opt_state = optimizer.init(trainable)
+    batch = schedule.idx.shape[-1]
+    sums = jnp.zeros((len(PHASE_STATS),), jnp.float32)
+
+    if not isinstance(schedule.mask, jax.core.Tracer):
+        step = _jitted_step(task, lr, penalty)
+        idx = np.asarray(schedule.idx).reshape(-1, batch)
+        mask = np.asarray(schedule.mask).reshape(-1, batch)
+        rows = []
+        for k in np.flatnonzero(mask.any(axis=1)):
+            trainable, opt_state, state, row = step(
+                trainable, opt_state, state, frozen, penalty_args, data.x[idx[k]],
+                data.y[idx[k]], jnp.asarray(mask[k]), jax.random.fold_in(rng, int(k)))
+            rows.append(row)
+        return trainable, state, (jnp.sum(jnp.stack(rows), 0) if rows else sums)
+
+    step = _make_step(task, lr, penalty)
+    idx = schedule.idx.reshape(-1, batch)
+    mask = schedule.mask.reshape(-1, batch)
+
+    def scan_step(carry, inputs):
         i, m, k = inputs
 
         def real_step(carry):
             tr, opt_state, st, sums = carry
-            (g, g_probe), (st, loss, stats) = grad_fn(
-                tr, jnp.zeros((2,), jnp.float32), st, data.x[i], data.y[i], m,
-                jax.random.fold_in(rng, k))
-            updates, opt_state = optimizer.update(g, opt_state, tr)
-            tr = optax.apply_updates(tr, updates)
-            # Backward statistics exist only where gradients went through a solve.
-            solved = (g_probe[0] != 0).astype(jnp.float32)
-            row = jnp.stack([1.0, loss, stats.fwd_iters, stats.fwd_residual, solved,
-                             g_probe[0] / batch, g_probe[1] / batch])
+            tr, opt_state, st, row = step(tr, opt_state, st, frozen, penalty_args,
+                                          data.x[i], data.y[i], m, jax.random.fold_in(rng, k))
             return tr, opt_state, st, sums + row
 
         return lax.cond(jnp.any(m), real_step, lambda c: c, carry), None
 
-    sums = jnp.zeros((len(PHASE_STATS),), jnp.float32)
-    carry = (trainable, optimizer.init(trainable), state, sums)
+    carry = (trainable, opt_state, state, sums)
     steps = jnp.arange(idx.shape[0])
-    (trainable, _, state, sums), _ = lax.scan(step, carry, (idx, mask, steps))
+    (trainable, _, state, sums), _ = lax.scan(scan_step, carry, (idx, mask, steps))
     return trainable, state, sums

@@ -53,9 +53,9 @@ class Algorithm:
         return ((0, self.hp.local_epochs),)
 
     def local_sgd(self, trainable, frozen, state, data: ClientData, schedule: Schedule,
-                  rng, penalty=None):
+                  rng, penalty=None, penalty_args=None):
         return sgd_phase(self.task, self.hp.lr, trainable, frozen, state, data, schedule,
-                         rng, penalty)
+                         rng, penalty, penalty_args)
 
     def aggregation_weights(self, sizes: jnp.ndarray) -> jnp.ndarray:
         return sizes.astype(jnp.float32) if self.hp.weighted else jnp.ones_like(

@@ -29,6 +29,13 @@ from utils.pytree import (
 )
 
 
+def augmented_lagrangian(theta: dict, args) -> jnp.ndarray:
+    """<lambda_i, theta_i - theta> + rho/2 ||theta_i - theta||^2 over every shared leaf."""
+    lam, anchor, rho = args
+    diff = tree_sub(theta, anchor)
+    return tree_vdot(lam, diff) + 0.5 * rho * tree_sq_norm(diff)
+
+
 @dataclass(frozen=True)
 class FedEQConfig:
     rho: float = 0.01
@@ -78,14 +85,9 @@ class FedEQ(Algorithm):
             sums.append(s)
 
         lam = client["lam"]
-
-        def augmented_lagrangian(th):
-            diff = tree_sub(th, anchor)
-            return tree_vdot(lam, diff) + 0.5 * cfg.rho * tree_sq_norm(diff)
-
         theta, state, s = self.local_sgd(theta, phi, state, data,
                                          schedule.stream(0, hp.local_epochs), rng,
-                                         penalty=augmented_lagrangian)
+                                         augmented_lagrangian, (lam, anchor, cfg.rho))
         sums.append(s)
         lam = tree_add(lam, tree_sub(theta, anchor), cfg.rho)
 
