@@ -27,7 +27,7 @@ CONFIGS = {
 }
 
 
-def _best_time(fn, *args, repeats: int) -> float:
+def best_time(fn, *args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
@@ -40,7 +40,7 @@ def _best_time(fn, *args, repeats: int) -> float:
 def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
-    return 2 * n ** 3 / _best_time(f, a, repeats=repeats)
+    return 2 * n ** 3 / best_time(f, a, repeats=repeats)
 
 
 def main() -> None:
@@ -68,11 +68,11 @@ def main() -> None:
 
         step = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
         probe = jnp.zeros((2,), jnp.float32)
-        t_step = _best_time(step, params, probe, repeats=args.repeats)
+        t_step = best_time(step, params, probe, repeats=args.repeats)
         (_, g_probe), stats = step(params, probe)
         fwd = jax.jit(lambda p, xx, model=model, state=state:
                       model.transformed.apply(p, state, None, xx, False, None)[0].logits)
-        t_fwd = _best_time(fwd, params, xe, repeats=args.repeats)
+        t_fwd = best_time(fwd, params, xe, repeats=args.repeats)
         base = base or (t_step, t_fwd)
         print(f"{name:45s} step {t_step:6.3f} s ({base[0] / t_step:4.2f}x)  "
               f"eval fwd {t_fwd:6.3f} s ({base[1] / t_fwd:4.2f}x)  "
