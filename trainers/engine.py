@@ -6,6 +6,7 @@ evaluation of every seen client, byte counting from the pytrees exchanged, timin
 the run directory.
 """
 
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -218,6 +219,7 @@ class Engine:
                 record.update(self.evaluate(server, clients, eval_rng, with_train))
                 record["eval_seconds"] = time.perf_counter() - t1
                 record["seconds"] = time.perf_counter() - t0
+                record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 history.append(record)
                 if self.run_dir:
                     self.run_dir.log_round(record)
