@@ -163,11 +163,13 @@ class Engine:
         return rs.choice(self.num_clients, self.cohort_size,
                          replace=self.cfg.sample_with_replacement)
 
-    def _client_inputs(self, cohort: np.ndarray, key: jax.Array):
+    def _client_inputs(self, batcher: "Batcher", cohort, key: jax.Array):
+        """Schedules and keys for the clients in order; each client folds its index into
+        the key chain, which carries on from one client to the next (spec 2.1)."""
         idx, mask, keys = [], [], []
         for t in cohort:
             key = jax.random.fold_in(key, int(t))
-            i, m = self.batcher.schedule(int(t), self.alg.streams, key)
+            i, m = batcher.schedule(int(t), self.alg.streams, key)
             idx.append(i)
             mask.append(m)
             keys.append(key)
@@ -195,7 +197,7 @@ class Engine:
             t0 = time.perf_counter()
             key = jax.random.fold_in(key, r)
             cohort = self._cohort(rs)
-            schedule, keys, key = self._client_inputs(cohort, key)
+            schedule, keys, key = self._client_inputs(self.batcher, cohort, key)
             rows = jnp.asarray(cohort)
             data = ClientData(self.train[0][rows], self.train[1][rows])
             cohort_clients = index(clients, rows)
@@ -233,20 +235,13 @@ class Engine:
         if not self.data.unseen_train:
             return None
         sizes = np.array([s.n for s in self.data.unseen_train])
-        batcher = Batcher(sizes, self.cfg.batch_size)
-        idx, mask, keys = [], [], []
-        for t in range(len(sizes)):
-            key = jax.random.fold_in(key, t)
-            i, m = batcher.schedule(t, self.alg.streams, key)
-            idx.append(i)
-            mask.append(m)
-            keys.append(key)
+        schedule, keys, _ = self._client_inputs(Batcher(sizes, self.cfg.batch_size),
+                                                range(len(sizes)), key)
         multiple = self.cfg.eval_chunk
         xtr, ytr, mtr = (jnp.asarray(a) for a in _pad_clients(self.data.unseen_train, multiple))
         xte, yte, mte = (jnp.asarray(a) for a in _pad_clients(self.data.unseen_test, multiple))
-        schedule = Schedule(jnp.asarray(np.stack(idx)), jnp.asarray(np.stack(mask)))
         adapted = self.executor(self._adapt_fn, (server, init_params, init_state),
-                                (ClientData(xtr, ytr), schedule, jnp.stack(keys)), trains=True)
+                                (ClientData(xtr, ytr), schedule, keys), trains=True)
         sums = self.executor(self._unseen_score_fn, eval_rng,
                              (adapted, xtr, ytr, mtr, xte, yte, mte))
         result = _pooled(sums)
