@@ -10,7 +10,6 @@ products (the Jacobian-vector products that normal-equation CG needs, taken as t
 a vjp) stay forward convolutions too.
 """
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -48,18 +47,3 @@ def _conv3x3_bwd(residuals, g):
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
-
-class Conv3x3(hk.Module):
-    """Haiku wrapper with the parameter layout of `hk.Conv2D(kernel_shape=3, with_bias=False)`."""
-
-    def __init__(self, output_channels: int, w_init: hk.initializers.Initializer,
-                 fast: bool = True, name: str | None = None):
-        super().__init__(name=name)
-        self.output_channels = output_channels
-        self.w_init = w_init
-        self.fast = fast
-
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        w = hk.get_parameter("w", (3, 3, x.shape[-1], self.output_channels), x.dtype,
-                             init=self.w_init)
-        return (conv3x3 if self.fast else plain_conv3x3)(x, w)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from deq.config import SolverConfig
-from deq.conv import Conv3x3, conv3x3, plain_conv3x3
+from deq.conv import conv3x3, plain_conv3x3
 from deq.fixed_point import fixed_point
 from models.base import ModelOutput
 
@@ -89,7 +89,3 @@ def deq_resnet(c1: int, c2: int, num_classes: int, solver: SolverConfig) -> Call
         return ModelOutput(logits, embedding, stats)
 
     return forward
-
-
-def conv3x3_module(out_channels: int, fast: bool, name: str) -> Conv3x3:
-    return Conv3x3(out_channels, _CONV_INIT, fast=fast, name=name)
