@@ -229,7 +229,7 @@ class Engine:
                                 train_acc=f"{record['train_acc']:.4f}")
 
         unseen = self._unseen(server, init_params, init_state, key, eval_rng)
-        return self._summary(history, unseen, init_params)
+        return self._summary(history, unseen)
 
     def _unseen(self, server, init_params, init_state, key, eval_rng) -> dict | None:
         if not self.data.unseen_train:
@@ -277,7 +277,7 @@ class Engine:
                            "head": tree_size(head), "params_bytes": tree_bytes(params),
                            "shared_bytes": tree_bytes(shared), "head_bytes": tree_bytes(head)}
 
-    def _summary(self, history, unseen, init_params) -> dict[str, Any]:
+    def _summary(self, history, unseen) -> dict[str, Any]:
         last = history[-1]
         steady = history[1:] or history
         summary = {
