@@ -128,15 +128,19 @@ class Engine:
                        (xs, ys, ms))
         return jax.tree.map(lambda s: jnp.sum(s, 0), sums)
 
+    def _score_splits(self, params, state, splits, rng, with_train: bool = True):
+        """Sums for a client's test split and, unless skipped, its train split."""
+        xtr, ytr, mtr, xte, yte, mte = splits
+        sums = {"test": self._score(params, state, xte, yte, mte, rng)}
+        if with_train:
+            sums["train"] = self._score(params, state, xtr, ytr, mtr, rng)
+        return sums
+
     def _make_eval_fn(self, with_train: bool):
         def eval_client(shared, c):
             server, rng = shared
-            client, xtr, ytr, mtr, xte, yte, mte = c
-            params, state = self.alg.eval_params(server, client)
-            sums = {"test": self._score(params, state, xte, yte, mte, rng)}
-            if with_train:
-                sums["train"] = self._score(params, state, xtr, ytr, mtr, rng)
-            return sums
+            params, state = self.alg.eval_params(server, c[0])
+            return self._score_splits(params, state, c[1:], rng, with_train)
         return eval_client
 
     def _make_unseen_fns(self):
@@ -146,9 +150,8 @@ class Engine:
             return self.alg.adapt_unseen(server, init_params, init_state, data, schedule, key)
 
         def score(rng, c):
-            (params, state), xtr, ytr, mtr, xte, yte, mte = c
-            return {"train": self._score(params, state, xtr, ytr, mtr, rng),
-                    "test": self._score(params, state, xte, yte, mte, rng)}
+            (params, state), *splits = c
+            return self._score_splits(params, state, splits, rng)
         return adapt, score
 
     def evaluate(self, server, clients, rng, with_train: bool = True) -> dict[str, float]:
