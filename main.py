@@ -16,6 +16,7 @@ from deq.config import BWD_SOLVERS, FWD_SOLVERS
 from models.registry import MODELS
 from trainers.executors import EXECUTORS
 from trainers.registry import TRAINERS
+from utils.checkpoint import CheckpointError
 
 FLAGS = flags.FLAGS
 
@@ -65,6 +66,9 @@ flags.DEFINE_enum("executor", None, EXECUTORS, "how a cohort's clients run (defa
                   "fastest measured on this backend)")
 flags.DEFINE_integer("eval_train_every", 1, "score the (large) train split only every this "
                      "many rounds and the last; other rounds log it as NaN / null")
+flags.DEFINE_integer("checkpoint_every", 1, "write the run's whole state every this many "
+                     "rounds (0: only at the end); rerunning the same command with the same "
+                     "--outdir continues from it")
 flags.DEFINE_integer("eval_chunk", 32, "examples per evaluation batch")
 flags.DEFINE_enum("anderson_impl", "batched", ["batched", "jaxopt"], "Anderson for the whole "
                   "batch in one loop, or jaxopt's solver vmapped per example (same iterates)")
@@ -99,6 +103,6 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     try:
         app.run(main)
-    except ValueError as err:  # bad flag values: say what is allowed, no traceback
+    except (ValueError, CheckpointError) as err:  # say what is wrong and what to do
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

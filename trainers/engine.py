@@ -21,6 +21,7 @@ from data.federated import ClientSplit, FederatedData
 from trainers.algorithms.base import Algorithm, key_words
 from trainers.executors import Executor, default_executor
 from trainers.local import PHASE_STATS, ClientData, Schedule
+from utils import checkpoint
 from utils.pytree import all_finite, index, split_head, tree_bytes, tree_size
 from utils.rundir import RunDir
 
@@ -44,6 +45,7 @@ class RunConfig:
     eval_chunk: int = 32
     sample_with_replacement: bool = False
     quiet: bool = False
+    checkpoint_every: int = 1   # rounds between checkpoints (0: never; the last is always)
 
 
 def _pad_clients(splits: list[ClientSplit], multiple: int) -> tuple[np.ndarray, ...]:
@@ -88,8 +90,11 @@ class Batcher:
 
 class Engine:
     def __init__(self, data: FederatedData, task: Any, algorithm: Algorithm, cfg: RunConfig,
-                 run_dir: RunDir | None = None):
+                 run_dir: RunDir | None = None, settings: dict[str, Any] | None = None):
+        """`settings`: what shaped the numbers; a checkpoint written under other settings
+        is refused on resume."""
         self.data, self.task, self.alg, self.cfg, self.run_dir = data, task, algorithm, cfg, run_dir
+        self.settings = settings or {}
         self.executor = Executor(cfg.executor or default_executor(), cfg.vmap_chunk)
         self.num_clients = len(data.train)
         self.cohort_size = int((cfg.clients_per_round * self.num_clients) // 1)
@@ -194,7 +199,18 @@ class Engine:
         eval_rng = jax.random.PRNGKey(cfg.seed + 1)
 
         history: list[dict[str, Any]] = []
-        bar = tqdm(range(cfg.num_rounds + 1), desc=f"{alg.name} {self.data.name}",
+        start = 0
+        if self.run_dir and checkpoint.exists(self.run_dir.path):
+            saved = checkpoint.load(self.run_dir.path, server, clients, self.settings)
+            start, server, clients, history = (saved.next_round, saved.server, saved.clients,
+                                               saved.history)
+            rs.set_state(saved.sampler)
+            key = jnp.asarray(saved.key)
+            self.run_dir.rewrite_rounds(history)
+            print(f"resuming from {self.run_dir.path / checkpoint.FILENAME}: "
+                  f"{start} of {cfg.num_rounds + 1} rounds done", flush=True)
+        bar = tqdm(range(start, cfg.num_rounds + 1), desc=f"{alg.name} {self.data.name}",
+                   initial=start, total=cfg.num_rounds + 1,
                    disable=cfg.quiet, dynamic_ncols=True)
         for r in bar:
             t0 = time.perf_counter()
@@ -230,6 +246,11 @@ class Engine:
                     self.run_dir.log_round(record)
                 bar.set_postfix(test_acc=f"{record['test_acc']:.4f}",
                                 train_acc=f"{record['train_acc']:.4f}")
+            every = cfg.checkpoint_every
+            if self.run_dir and ((every and (r + 1) % every == 0) or r == cfg.num_rounds):
+                checkpoint.save(self.run_dir.path, checkpoint.RunState(
+                    r + 1, server, clients, rs.get_state(), np.asarray(key), history),
+                    self.settings)
 
         unseen = self._unseen(server, init_params, init_state, key, eval_rng)
         return self._summary(history, unseen)

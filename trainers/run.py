@@ -20,6 +20,9 @@ from utils.rundir import RunDir
 
 _DEFAULT_CLIENTS = {"synthetic": 30, "femnist": 100}
 _DEFAULT_ROUNDS = {"synthetic": 30}
+# Flags that may differ when a run is resumed: none of them changes a trained number
+# (a larger --num_rounds extends a finished run).
+_RESUMABLE_CHANGES = frozenset({"outdir", "quiet", "num_rounds", "checkpoint_every"})
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class RunRequest:
         _check(f.inner_epochs >= 1, "--inner_epochs must be >= 1")
         _check(f.personalized_epochs >= 0, "--personalized_epochs must be >= 0")
         _check(f.repeat >= 1, "--repeat must be >= 1")
+        _check(f.checkpoint_every >= 0, "--checkpoint_every must be >= 0 (0: only the last)")
         _check(f.learning_rate > 0, "--learning_rate must be > 0")
         _check(f.rho > 0, "--rho must be > 0")
         # The flags main.py defines (absl's own logging flags are left out).
@@ -73,7 +77,8 @@ class RunRequest:
             run=RunConfig(num_rounds=rounds, seed=f.seed, clients_per_round=f.clients_per_round,
                           batch_size=f.batch_size, eval_every=f.eval_every,
                           eval_train_every=f.eval_train_every,
-                          executor=f.executor or "", eval_chunk=f.eval_chunk, quiet=f.quiet),
+                          executor=f.executor or "", eval_chunk=f.eval_chunk, quiet=f.quiet,
+                          checkpoint_every=f.checkpoint_every),
             hp=HParams(lr=f.learning_rate, local_epochs=f.inner_epochs,
                        personal_epochs=f.personalized_epochs,
                        weighted=not f.unweighted_updates),
@@ -103,7 +108,9 @@ def build_engine(req: RunRequest, seed: int, run_dir: RunDir | None) -> Engine:
     algo_cls = resolve_trainer(req.trainer).algorithm
     algorithm = (algo_cls(task, req.hp, req.fedeq) if algo_cls.name == "fedeq"
                  else algo_cls(task, req.hp))
-    return Engine(data, task, algorithm, replace(req.run, seed=seed), run_dir)
+    settings = {k: v for k, v in req.flags.items() if k not in _RESUMABLE_CHANGES}
+    return Engine(data, task, algorithm, replace(req.run, seed=seed), run_dir,
+                  settings={**settings, "seed": seed})
 
 
 def run_repeats(req: RunRequest) -> list[dict]:

@@ -31,8 +31,13 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def _fmt(values: list[float]) -> str:
-    return "[" + ", ".join(f"{v:.5f}" for v in values) + "]"
+def _fmt(values: list[float | None]) -> str:
+    return "[" + ", ".join("nan" if v is None else f"{v:.5f}" for v in values) + "]"
+
+
+def _metrics_line(record: dict[str, Any]) -> str:
+    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
+    return json.dumps(clean, sort_keys=True)
 
 
 class RunDir:
@@ -55,10 +60,21 @@ class RunDir:
             f.flush()
 
     def log_round(self, record: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
-        self._append("metrics.jsonl", json.dumps(clean, sort_keys=True))
+        self._append("metrics.jsonl", _metrics_line(record))
         self._append("output.txt", _fmt([record["train_acc"], record["test_acc"]]))
         self._append("losses.txt", _fmt([record["train_loss"], record["test_loss"]]))
+
+    def rewrite_rounds(self, history: list[dict[str, Any]]) -> None:
+        """On resume: the per-round files hold exactly the checkpoint's rounds (a killed
+        run may have logged rounds after its last checkpoint)."""
+        def text(lines: list[str]) -> str:
+            return "".join(line + "\n" for line in lines)
+
+        atomic_write(self.path / "metrics.jsonl", text([_metrics_line(h) for h in history]))
+        atomic_write(self.path / "output.txt",
+                     text([_fmt([h["train_acc"], h["test_acc"]]) for h in history]))
+        atomic_write(self.path / "losses.txt",
+                     text([_fmt([h["train_loss"], h["test_loss"]]) for h in history]))
 
     def write_unseen(self, train_acc: float, test_acc: float, record: dict[str, Any]) -> None:
         atomic_write(self.path / "unseen.txt", _fmt([train_acc, test_acc]) + "\n")

@@ -1,0 +1,108 @@
+"""Checkpoint and resume: a SIGKILLed run continues to the same numbers; bad checkpoints
+are refused with a message, never silently restarted."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from utils import checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ["-c", "10", "-t", "14", "-le", "2", "-pe", "1", "-cr", "0.5", "-q"]
+TIMING = {"seconds", "train_seconds", "eval_seconds", "peak_rss_mb"}
+
+
+def _command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "main.py"), *RUN, "-o", str(out), *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def _rounds(out: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in x.items() if k not in TIMING} for x in lines]
+
+
+def _kill_after_rounds(out: Path, rounds: int) -> int:
+    """Starts the run and SIGKILLs it once `rounds` rounds are logged."""
+    proc = subprocess.Popen(_command(out), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rounds:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
+    whole = tmp_path / "whole"
+    done = subprocess.run(_command(whole), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+    resumed = tmp_path / "resumed"
+    logged = _kill_after_rounds(resumed, 3)
+    assert 3 <= logged < 15, f"the run was not killed mid-way ({logged} rounds logged)"
+    again = subprocess.run(_command(resumed), cwd=ROOT, env=_env(), capture_output=True,
+                           text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stdout
+    assert _rounds(resumed) == _rounds(whole)
+    assert (resumed / "output.txt").read_text() == (whole / "output.txt").read_text()
+    assert not list(resumed.glob(".checkpoint*")), "a temporary checkpoint was left behind"
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / checkpoint.FILENAME).write_bytes(b"PK\x03\x04 not really a zip file")
+    proc = subprocess.run(_command(out), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "corrupt" in proc.stderr and "delete" in proc.stderr
+
+
+def _tiny_state(next_round=3):
+    server = {"theta": {"w": jnp.arange(6.0).reshape(2, 3)}, "round": jnp.asarray(3)}
+    clients = {"phi": jnp.ones((4, 2))}
+    sampler = np.random.RandomState(7).get_state()
+    history = [{"round": 0, "test_acc": 0.5, "train_acc": float("nan")}]
+    return checkpoint.RunState(next_round, server, clients, sampler,
+                               np.array([1, 2], np.uint32), history)
+
+
+def test_save_load_round_trip_restores_every_piece(tmp_path):
+    state = _tiny_state()
+    checkpoint.save(tmp_path, state, {"lr": 0.1})
+    got = checkpoint.load(tmp_path, state.server, state.clients, {"lr": 0.1})
+    assert got.next_round == 3
+    np.testing.assert_array_equal(got.server["theta"]["w"], state.server["theta"]["w"])
+    np.testing.assert_array_equal(got.clients["phi"], state.clients["phi"])
+    rs = np.random.RandomState()
+    rs.set_state(got.sampler)
+    assert rs.randint(1 << 30) == np.random.RandomState(7).randint(1 << 30)
+    assert got.history[0]["test_acc"] == 0.5 and np.isnan(got.history[0]["train_acc"])
+
+
+def test_other_settings_version_or_shapes_are_refused(tmp_path, monkeypatch):
+    state = _tiny_state()
+    checkpoint.save(tmp_path, state, {"lr": 0.1})
+    with pytest.raises(checkpoint.CheckpointError, match="lr: checkpoint 0.1, now 0.2"):
+        checkpoint.load(tmp_path, state.server, state.clients, {"lr": 0.2})
+    with pytest.raises(checkpoint.CheckpointError, match=r"float32\[5, 2\]"):
+        checkpoint.load(tmp_path, state.server, {"phi": jnp.ones((5, 2))}, {"lr": 0.1})
+    monkeypatch.setattr(checkpoint, "VERSION", 2)
+    with pytest.raises(checkpoint.CheckpointError, match="version 1"):
+        checkpoint.load(tmp_path, state.server, state.clients, {"lr": 0.1})
