@@ -1,7 +1,10 @@
 """One DEQ-ResNet-S training step and forward pass, per solver configuration, side by side.
 
-(Achieved FLOP/s is not printed yet: XLA's cost analysis counts a while loop's body once,
-so it undercounts the solvers' iterations; see docs/PERFORMANCE.md.)
+Achieved FLOP/s: XLA's cost analysis counts a while loop's body once, so the step's
+count is corrected by hand: (step as compiled) + (forward iterations - 1) x (one block
+application) + (backward iterations - 1) x (one normal-equation CG product), each piece
+from the compiled cost analysis, the iteration counts from the solver statistics. It is
+compared with a dense matmul measured in the same run: the distance to this machine's limit.
 
     python -m benchmarks.deq_step [--batch 10 --eval_batch 32 --repeats 3]
 """
@@ -16,6 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from deq.config import SolverConfig  # noqa: E402
+from models.deq_resnet import make_resnet_block  # noqa: E402
 from models.registry import build_model  # noqa: E402
 
 CONFIGS = {
@@ -41,6 +45,36 @@ def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     return 2 * n ** 3 / best_time(f, a, repeats=repeats)
+
+
+def compiled_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def solver_piece_flops(params: dict, u: jnp.ndarray, fast_conv: bool) -> tuple[float, float]:
+    """FLOPs of one block application f(z, u) and of one CG product (I-J)(I-J^T) v on the
+    whole batch, as the solver loops run them."""
+    block = make_resnet_block(fast_conv)
+    p = {"conv1": params["deq_block"]["conv1_w"], "conv2": params["deq_block"]["conv2_w"],
+         **{g: (params["deq_block"][f"{g}_scale"], params["deq_block"][f"{g}_offset"])
+            for g in ("gn1", "gn2", "gn3")}}
+    f = lambda z: block(p, z, u)
+
+    def cg_products(z, v, n):
+        """n products as deq/fixed_point.py builds them (linearised once, outside)."""
+        _, vjp_z = jax.vjp(f, z)
+        vjp = lambda w: vjp_z(w)[0]
+        _, transpose_of_vjp = jax.vjp(vjp, jnp.zeros_like(z))
+        for _ in range(n):
+            m = v - vjp(v)
+            v = m - transpose_of_vjp(m)[0]
+        return v
+
+    per_product = (compiled_flops(lambda z, v: cg_products(z, v, 2), u, u)
+                   - compiled_flops(lambda z, v: cg_products(z, v, 1), u, u))
+    return compiled_flops(f, u), per_product
 
 
 def main() -> None:
@@ -74,10 +108,18 @@ def main() -> None:
                       model.transformed.apply(p, state, None, xx, False, None)[0].logits)
         t_fwd = best_time(fwd, params, xe, repeats=args.repeats)
         base = base or (t_step, t_fwd)
+        fwd_iters, bwd_iters = float(stats.fwd_iters), float(g_probe[0]) / args.batch
+        h, w = -(-x.shape[1] // 2), -(-x.shape[2] // 2)   # the stem's stride-2 pool
+        u = jax.random.normal(jax.random.PRNGKey(3), (args.batch, h, w,
+                              params["deq_block"]["conv1_w"].shape[2]))
+        f_block, f_cg = solver_piece_flops(params, u, solver.fast_conv)
+        flops = (compiled_flops(step, params, probe) + (fwd_iters - 1) * f_block
+                 + (bwd_iters - 1) * f_cg)
         print(f"{name:45s} step {t_step:6.3f} s ({base[0] / t_step:4.2f}x)  "
               f"eval fwd {t_fwd:6.3f} s ({base[1] / t_fwd:4.2f}x)  "
-              f"[fwd iters {float(stats.fwd_iters):.1f}, bwd iters "
-              f"{float(g_probe[0]) / args.batch:.1f}]", flush=True)
+              f"[fwd iters {fwd_iters:.1f}, bwd iters {bwd_iters:.1f}]  "
+              f"{flops / 1e9:.1f} GFLOP/step = {flops / t_step / 1e9:.1f} GFLOP/s "
+              f"({100 * flops / t_step / peak:.0f}% of the matmul)", flush=True)
 
 
 if __name__ == "__main__":
