@@ -1,0 +1,50 @@
+"""The report command on run directories written here: table cells and PNG files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from utils import report
+
+
+def _write_run(path, trainer, dataset, accs, up=4_000_000, cohort=10):
+    path.mkdir(parents=True)
+    flags = {"trainer": trainer, "dataset": dataset, "model": "m", "num_clients": 100,
+             "clients_per_round": cohort / 100}
+    (path / "flags.json").write_text(json.dumps(flags))
+    lines = [json.dumps({"round": r, "test_acc": a, "train_acc": None,
+                         "up_bytes": up * cohort, "down_bytes": up * cohort})
+             for r, a in enumerate(accs)]
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_table_and_plots_from_run_directories(tmp_path):
+    _write_run(tmp_path / "fedeq", "fedeq_resnet", "femnist", [0.1, 0.3, 0.5])
+    for k, final in enumerate([0.6, 0.8]):          # a two-repeat run
+        _write_run(tmp_path / "fedavg" / f"run{k}", "fedavg_resnet", "femnist",
+                   [0.2, final], up=12_000_000)
+    _write_run(tmp_path / "cifar", "fedeq_resnet", "cifar10", [0.4])
+    (tmp_path / "fedavg" / "flags.json").write_text("{}")
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path / d) for d in ("fedeq", "fedavg", "cifar")]
+                       + ["--out", str(out)]) == 0
+    text = (out / "table.md").read_text()
+    assert "| algorithm | femnist | cifar10 |" in text
+    assert "70.00 ± 10.00" in text and "2 run(s)" in text and "12.00 MB up" in text
+    fedeq_row = next(line for line in text.splitlines() if line.startswith("| fedeq_resnet"))
+    assert "50.00 ± 0.00" in fedeq_row and "40.00 ± 0.00" in fedeq_row
+    for name in ("accuracy_vs_rounds.png", "accuracy_vs_megabytes.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_megabytes_accumulate_per_client(tmp_path):
+    _write_run(tmp_path / "a", "fedeq", "femnist", [0.1, 0.2, 0.3], up=2_000_000)
+    run = report.read_run(tmp_path / "a")
+    np.testing.assert_allclose(run.mb_per_client(), [4.0, 8.0, 12.0])
+
+
+def test_not_a_run_directory_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path)])
+    assert "flags.json" in capsys.readouterr().err

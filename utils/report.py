@@ -1,0 +1,180 @@
+"""Plots and the paper-style table from finished (or running) run directories.
+
+    python -m utils.report RUN_DIR [RUN_DIR ...] [--out report/] [--title ...]
+
+A run directory is what main.py writes (`flags.json`, `metrics.jsonl`, ...); one made
+with `-r N` holds `run0/ ... run{N-1}/`, whose final accuracies become the table's mean
+and standard deviation. Two PNGs are drawn: test accuracy against rounds, and against
+the megabytes a client sends and receives (cumulated, averaged over the round's
+cohort), which is the axis the paper's communication claim is about. The table
+(`table.md`) has one row per algorithm and one column per dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from utils.rundir import atomic_write
+
+
+@dataclass
+class Run:
+    """One training run as read back from disk (a repeat of a multi-seed run, or a run)."""
+
+    path: Path
+    flags: dict
+    rounds: list[dict] = field(default_factory=list)
+    unseen: dict | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.flags.get('trainer')} ({self.flags.get('model')})"
+
+    @property
+    def final_test_acc(self) -> float:
+        return self.rounds[-1]["test_acc"] if self.rounds else float("nan")
+
+    def cohort(self) -> int:
+        cohort = int(self.flags.get("clients_per_round", 1) * self.flags.get("num_clients", 1))
+        return max(cohort, 1)
+
+    def mb_per_client(self) -> np.ndarray:
+        """Cumulative MB sent + received per sampled client after each logged round."""
+        per_round = [((r.get("up_bytes") or 0) + (r.get("down_bytes") or 0)) / self.cohort()
+                     for r in self.rounds]
+        return np.cumsum(per_round) / 1e6
+
+    def upload_mb_per_round(self) -> float:
+        if not self.rounds:
+            return float("nan")
+        return (self.rounds[-1].get("up_bytes") or 0) / self.cohort() / 1e6
+
+
+def read_run(path: Path) -> Run:
+    flags_file = path / "flags.json"
+    if not flags_file.is_file():
+        raise FileNotFoundError(f"{path} is not a run directory (no flags.json); pass the "
+                                f"folder main.py wrote with -o")
+    run = Run(path, json.loads(flags_file.read_text()))
+    metrics = path / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            record = {k: (float("nan") if v is None else v) for k, v in record.items()}
+            if record.get("unseen"):
+                run.unseen = record
+            else:
+                run.rounds.append(record)
+    return run
+
+
+def read_runs(path: Path) -> list[Run]:
+    """The repeats of a run directory: `run{k}/` sub-folders if any, else the folder."""
+    repeats = sorted((p for p in path.glob("run*") if (p / "flags.json").is_file()),
+                     key=lambda p: int(p.name[3:]) if p.name[3:].isdigit() else 0)
+    return [read_run(p) for p in repeats] if repeats else [read_run(path)]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, np.float64)
+    return float(arr.mean()), float(arr.std())
+
+
+def table(groups: list[list[Run]]) -> str:
+    """Markdown: rows algorithms, columns datasets; mean +- std (%) of the final test
+    accuracy over repeats, with the model, the repeats and MB each client sends per round."""
+    cells: dict[str, dict[str, str]] = defaultdict(dict)
+    datasets: list[str] = []
+    for runs in groups:
+        first = runs[0]
+        dataset, algo = first.flags.get("dataset", "?"), first.flags.get("trainer", "?")
+        if dataset in cells.get(algo, {}):   # a second setting of the same algorithm
+            algo = f"{algo} [{first.path.name}]"
+        if dataset not in datasets:
+            datasets.append(dataset)
+        mean, std = _mean_std([r.final_test_acc for r in runs])
+        rounds = len(first.rounds)
+        cells[algo][dataset] = (f"{100 * mean:.2f} ± {100 * std:.2f} "
+                                f"({first.flags.get('model')}, {len(runs)} run(s), "
+                                f"{rounds} rounds, {first.upload_mb_per_round():.2f} MB up)")
+    lines = ["| algorithm | " + " | ".join(datasets) + " |",
+             "|---|" + "---|" * len(datasets)]
+    for algo in sorted(cells):
+        lines.append(f"| {algo} | " + " | ".join(cells[algo].get(d, "") for d in datasets)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(groups: list[list[Run]], out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, xlabel, x_of in (
+            ("accuracy_vs_rounds.png", "round",
+             lambda r: np.array([rec["round"] for rec in r.rounds])),
+            ("accuracy_vs_megabytes.png", "MB sent + received per client (cumulative)",
+             lambda r: r.mb_per_client())):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+        for runs in groups:
+            first = runs[0]
+            if not first.rounds:
+                continue
+            # Repeats share the x axis; draw their mean test accuracy.
+            n = min(len(r.rounds) for r in runs)
+            acc = np.mean([[rec["test_acc"] for rec in r.rounds[:n]] for r in runs], axis=0)
+            ax.plot(x_of(first)[:n], 100 * acc, marker="o" if n < 30 else None,
+                    markersize=3,
+                    label=f"{first.label} · {first.flags.get('dataset')} · {first.path.name}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / name
+        tmp = path.with_name(f".{name}.tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
+    parser.add_argument("--out", type=Path, default=Path("report"),
+                        help="folder for the PNGs and table.md (default: report/)")
+    parser.add_argument("--title", default="test accuracy")
+    args = parser.parse_args(argv)
+    try:
+        groups = [read_runs(p) for p in args.runs]
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = table(groups)
+    atomic_write(args.out / "table.md", text)
+    paths = plot(groups, args.out, args.title)
+    print(text)
+    for runs in groups:
+        accs = ", ".join("nan" if math.isnan(r.final_test_acc) else f"{r.final_test_acc:.4f}"
+                         for r in runs)
+        print(f"{runs[0].path}: {len(runs[0].rounds)} rounds, final test acc {accs}")
+    print("wrote " + ", ".join(str(p) for p in [args.out / "table.md", *paths]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
