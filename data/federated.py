@@ -53,6 +53,10 @@ class FederatedData:
     num_classes: int
     input_shape: tuple[int, ...]
     task: str = "classification"
+    # How the clients were cut from a pooled dataset (e.g. the CIFAR label table and
+    # per-client indices, data.partition.ShardPartition.to_arrays), for all clients, unseen
+    # ones included, so a run can store it and be repeated exactly. None for natural clients.
+    partition: dict[str, np.ndarray] | None = None
 
     @property
     def num_clients(self) -> int:

@@ -80,6 +80,27 @@ class RunDir:
         atomic_write(self.path / "unseen.txt", _fmt([train_acc, test_acc]) + "\n")
         self._append("metrics.jsonl", json.dumps(record, sort_keys=True))
 
+    def write_partition(self, partition: dict[str, Any]) -> None:
+        """`partition.npz`: the arrays that say which examples each client holds (label
+        table, per-client indices), so that a run's clients can be rebuilt exactly."""
+        import numpy as np
+
+        path = self.path / "partition.npz"
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".partition.npz.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; keep the user's usual permissions
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **{k: np.asarray(v) for k, v in partition.items()})
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 
