@@ -12,6 +12,7 @@ from data.cifar import load_cifar
 from data.errors import DataError
 from data.federated import FederatedData
 from data.leaf import FEMNIST_HOW_TO_GET, load_femnist
+from data.shakespeare import SHAKESPEARE_HOW_TO_GET, load_shakespeare
 from data.synthetic import make_synthetic
 
 
@@ -65,11 +66,20 @@ def _cifar(name: str) -> Loader:
     return load
 
 
+def _shakespeare(data_dir: str | None, num_clients: int, frac_unseen: float,
+                 seed: int, **_ignored: object) -> FederatedData:
+    # Speaking roles are natural clients taken in a fixed order, so seed plays no part.
+    # TFF's h5 files are downloaded into ROOT/shakespeare/ when no copy is there.
+    root = _require_dir(data_dir, "shakespeare", SHAKESPEARE_HOW_TO_GET)
+    return load_shakespeare(root, num_clients=num_clients, frac_unseen=frac_unseen)
+
+
 _LOADERS: dict[str, Loader] = {
     "synthetic": _synthetic,
     "femnist": _femnist,
     "cifar10": _cifar("cifar10"),
     "cifar100": _cifar("cifar100"),
+    "shakespeare": _shakespeare,
 }
 
 DATASETS: tuple[str, ...] = tuple(_LOADERS)

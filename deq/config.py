@@ -3,8 +3,9 @@
 from dataclasses import dataclass
 
 FWD_SOLVERS = ("anderson", "fpi", "broyden")
-BWD_SOLVERS = ("normal_cg", "gmres")
+BWD_SOLVERS = ("normal_cg", "gmres", "broyden")
 ANDERSON_IMPLS = ("batched", "jaxopt")
+BROYDEN_IMPLS = ("jaxopt", "batched")
 
 # Per-solver (maxiter, tol) of the reference (spec 5.1): Anderson 20 / 1e-3 absolute,
 # fixed-point iteration 20 / 1e-2, Broyden 50 / 1e-3.
@@ -21,6 +22,14 @@ class SolverConfig:
     `anderson_impl` "batched" runs jaxopt's Anderson arithmetic for the whole batch in
     one loop (deq/anderson.py); "jaxopt" vmaps jaxopt's own solver over the examples as
     the reference does. Both give the same iterates.
+
+    The DEQ-Transformer's solver (spec 5.5) is `fwd_solver="broyden"` with
+    `broyden_impl="batched"` (deq/broyden.py: the whole batch in one limited-memory
+    Broyden, best iterate returned, stopping when the batch's ||g|| <= tol * sqrt(size))
+    and `bwd_solver="broyden"` (the same solver on the backward linear system, with
+    `bwd_tol` read the same way). `final_step` returns f(z*) instead of z*, as that model
+    does; `eval_resolve` reproduces its quirk of solving a second time, from there,
+    whenever the forward pass is not being differentiated (evaluation).
     """
 
     fwd_solver: str = "anderson"
@@ -33,6 +42,9 @@ class SolverConfig:
     bwd_tol: float = 1e-3
     fast_conv: bool = True
     anderson_impl: str = "batched"
+    broyden_impl: str = "jaxopt"
+    final_step: bool = False
+    eval_resolve: bool = False
 
     def __post_init__(self) -> None:
         if self.fwd_solver not in FWD_SOLVERS:
@@ -40,6 +52,9 @@ class SolverConfig:
         if self.anderson_impl not in ANDERSON_IMPLS:
             raise ValueError(f"anderson_impl {self.anderson_impl!r} unknown; allowed: "
                              f"{ANDERSON_IMPLS}")
+        if self.broyden_impl not in BROYDEN_IMPLS:
+            raise ValueError(f"broyden_impl {self.broyden_impl!r} unknown; allowed: "
+                             f"{BROYDEN_IMPLS}")
         if self.bwd_solver not in BWD_SOLVERS:
             raise ValueError(f"bwd_solver {self.bwd_solver!r} unknown; allowed: {BWD_SOLVERS}")
 

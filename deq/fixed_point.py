@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from deq.anderson import batched_anderson
+from deq.broyden import broyden
 from deq.config import SolverConfig
 from deq.linear import BACKWARD_SOLVERS
 from deq.solvers import forward_solve
@@ -20,7 +21,9 @@ BlockFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
 def _per_example(f: BlockFn) -> BlockFn:
-    return lambda params, z, u: f(params, z[None], u[None])[0]
+    # u may be a pytree (the DEQ-Transformer injects (embeddings, padding mask)).
+    add_axis = lambda t: jax.tree.map(lambda a: a[None], t)
+    return lambda params, z, u: f(params, z[None], add_axis(u))[0]
 
 
 def _forward(f: BlockFn, params, u, z0, cfg: SolverConfig):
@@ -28,6 +31,8 @@ def _forward(f: BlockFn, params, u, z0, cfg: SolverConfig):
     if cfg.fwd_solver == "anderson" and cfg.anderson_impl == "batched":
         return batched_anderson(lambda z: f(params, z, u), z0, cfg.anderson_history,
                                 cfg.anderson_ridge, cfg.maxiter, cfg.tol)
+    if cfg.fwd_solver == "broyden" and cfg.broyden_impl == "batched":
+        return broyden(lambda z: f(params, z, u) - z, z0, cfg.maxiter, cfg.tol)
     f1 = _per_example(f)
     return jax.vmap(lambda uu, zz: forward_solve(lambda z: f1(params, z, uu), zz, cfg))(u, z0)
 
@@ -49,21 +54,51 @@ def _backward_one(f: BlockFn, params, cfg: SolverConfig):
     return solve
 
 
+def _backward_batched_broyden(f: BlockFn, params, cfg: SolverConfig, z, u, g):
+    """Solves w = J^T w + g for the whole batch by Broyden from w = 0, as the
+    DEQ-Transformer's reference does (one stopping test for the batch)."""
+    _, vjp_z = jax.vjp(lambda zz: f(params, zz, u), z)
+    vjp = lambda v: vjp_z(v)[0]
+    w, iters, _ = broyden(lambda w: vjp(w) + g - w, jnp.zeros_like(g), cfg.bwd_maxiter,
+                          cfg.bwd_tol)
+    b = g.shape[0]
+    gap = (w - vjp(w) - g).reshape(b, -1)
+    residual = (jnp.linalg.norm(gap, axis=1)
+                / jnp.maximum(jnp.linalg.norm(g.reshape(b, -1), axis=1), 1e-30))
+    return w, iters.astype(jnp.float32), residual
+
+
 def _make_solver(f: BlockFn, cfg: SolverConfig):
+    def primal(params, u, z0, resolve):
+        z, iters, residual = _forward(f, params, u, z0, cfg)
+        if cfg.final_step:
+            z = f(params, z, u)
+        if resolve:
+            z, more, residual = _forward(f, params, u, z, cfg)
+            iters = iters + more
+        return z, iters, residual
+
     @jax.custom_vjp
     def solve(params, u, z0, probe):
+        # Used only when nothing differentiates through the solve (evaluation).
         del probe
-        return _forward(f, params, u, z0, cfg)
+        return primal(params, u, z0, cfg.eval_resolve)
 
     def solve_fwd(params, u, z0, probe):
         del probe
         z, iters, residual = _forward(f, params, u, z0, cfg)
-        return (z, iters, residual), (params, u, z, z0)
+        out = f(params, z, u) if cfg.final_step else z
+        return (out, iters, residual), (params, u, z, z0)
 
     def solve_bwd(saved, cotangents):
         params, u, z, z0 = saved
-        # Every example has its own linear solve and stopping test, as in the reference.
-        w, iters, residual = jax.vmap(_backward_one(f, params, cfg))(z, u, cotangents[0])
+        # With final_step the output is f(z*), whose derivative at a fixed point is that of
+        # z* itself, so the same linear solve serves both.
+        if cfg.bwd_solver == "broyden":
+            w, iters, residual = _backward_batched_broyden(f, params, cfg, z, u, cotangents[0])
+        else:
+            # Every example has its own linear solve and stopping test, as in the reference.
+            w, iters, residual = jax.vmap(_backward_one(f, params, cfg))(z, u, cotangents[0])
         _, vjp_params_u = jax.vjp(lambda p, uu: f(p, z, uu), params, u)
         d_params, d_u = vjp_params_u(w)
         probe_ct = jnp.stack([jnp.sum(iters), jnp.sum(residual)])
@@ -79,7 +114,9 @@ def fixed_point(f: BlockFn, params: Any, u: jnp.ndarray, z0: jnp.ndarray,
     """Solves z = f(params, z, u) for every example of the batch (leading axis).
 
     Per example, as the reference does (it vmaps its solver): every example has its own
-    Anderson mixing weights and its own stopping test, forward and backward.
+    Anderson mixing weights and its own stopping test, forward and backward. The batched
+    Broyden (`broyden_impl="batched"`, `bwd_solver="broyden"`) is the exception: like the
+    DEQ-Transformer's reference, it has one stopping test for the whole batch.
 
     `probe` (float32, shape (2,), zeros) exists only to carry the backward solve's
     statistics out: its gradient is [sum of backward iterations, sum of backward relative

@@ -11,7 +11,9 @@ from deq.config import SolverConfig
 from models.base import HEAD_MARKER
 from models.deq_mlp import deq_mlp
 from models.deq_resnet import deq_resnet
+from models.deq_transformer import deq_transformer
 from models.resnet import resnet20_femnist, resnet34_cifar
+from models.transformer import transformer8
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ _MODELS: dict[str, _Entry] = {
     "deq_resnet_m": _Entry(lambda c, s: deq_resnet(128, 256, c, s), True, (3,)),
     "resnet20": _Entry(lambda c, s: resnet20_femnist(c), False, (3,)),
     "resnet34": _Entry(lambda c, s: resnet34_cifar(c), False, (3,)),
+    # Token sequences (B, T); num_classes is the vocabulary (90). The DEQ-Transformer
+    # ignores the solver flags, as the reference does: it always runs its own Broyden.
+    "transformer8": _Entry(lambda c, s: transformer8(c), False, (1,)),
+    "deq_transformer": _Entry(lambda c, s: deq_transformer(c), True, (1,)),
 }
 MODELS = tuple(_MODELS)
 
