@@ -52,6 +52,13 @@ flags.DEFINE_enum("bwd_solver", "normal_cg", BWD_SOLVERS, "DEQ backward solver",
 flags.DEFINE_float("rho", 0.01, "FeDEQ ADMM penalty and dual step")
 flags.DEFINE_float("lam_admm", 0.01, "FeDEQ initial dual value (text only; vision duals "
                    "start at 0 in the reference, see --fedeq_lam_init_vision)")
+flags.DEFINE_float("lambda", 0.3, "Ditto: weight of the proximal term pulling each "
+                   "personal model toward the global one")
+flags.DEFINE_float("finetune_frac", 0.3, "Finetune: FedAvg runs while round < "
+                   "finetune_frac * num_rounds, then sampled clients fine-tune locally")
+flags.DEFINE_integer("knn_neighbors", 10, "kNN-Per: neighbours k in each client's datastore")
+flags.DEFINE_float("knn_lam", 0.5, "kNN-Per: weight of the kNN distribution in the mixture "
+                   "with the global model's softmax", short_name="kl")
 flags.DEFINE_integer("labels_per_client", 5, "labels per client for shard partitions",
                      short_name="lpc")
 flags.DEFINE_string("outdir", None, "run directory (default logs/<trainer>--<time>--...)",
@@ -76,6 +83,9 @@ flags.DEFINE_bool("fast_conv", True, "hand-written convolution gradient in the D
                   "(same numbers, faster on CPU)")
 flags.DEFINE_bool("fedeq_dual_average", False, "textbook consensus ADMM: the server "
                   "averages theta_i + lambda_i / rho (the reference averages theta_i)")
+flags.DEFINE_bool("ditto_reference_start", False, "Ditto as the reference runs it: the "
+                  "personal phase continues from the freshly trained global copy each round "
+                  "(default: the published Ditto, whose personal model persists)")
 flags.DEFINE_bool("fedeq_lam_init_vision", False, "start vision duals at --lam_admm, as "
                   "the reference intends but does not do")
 

@@ -14,11 +14,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from tqdm import tqdm
 
 from data.federated import ClientSplit, FederatedData
-from trainers.algorithms.base import Algorithm, key_words
+from trainers.algorithms.base import Algorithm, key_words, map_chunks
 from trainers.executors import Executor, default_executor
 from trainers.local import PHASE_STATS, ClientData, Schedule
 from utils import checkpoint
@@ -94,10 +93,11 @@ class Engine:
         """`settings`: what shaped the numbers; a checkpoint written under other settings
         is refused on resume."""
         self.data, self.task, self.alg, self.cfg, self.run_dir = data, task, algorithm, cfg, run_dir
-        self.settings = settings or {}
+        self.settings = {**(settings or {}), **algorithm.resume_settings}
         self.executor = Executor(cfg.executor or default_executor(), cfg.vmap_chunk)
         self.num_clients = len(data.train)
-        self.cohort_size = int((cfg.clients_per_round * self.num_clients) // 1)
+        self.cohort_size = (self.num_clients if algorithm.full_participation
+                            else int((cfg.clients_per_round * self.num_clients) // 1))
         if self.cohort_size < 1:
             raise ValueError(f"clients_per_round={cfg.clients_per_round} samples no client "
                              f"out of {self.num_clients}; use a fraction in (0, 1]")
@@ -117,25 +117,21 @@ class Engine:
     # ----------------------------------------------------------------- evaluation
     def _score(self, params, state, x, y, mask, rng):
         """Sums of correct / loss / count over one client's padded examples, in chunks."""
-        chunk = self.cfg.eval_chunk
-        xs = x.reshape((-1, chunk) + x.shape[1:])
-        ys = y.reshape((-1, chunk) + y.shape[1:])
-        ms = mask.reshape(-1, chunk)
-
-        def one_chunk(args):
-            cx, cy, cm = args
+        def one_chunk(cx, cy, cm):
             out, _ = self.task.apply(params, state, rng, cx, False)
             return self.task.eval_sums(out.logits, cy, cm)
 
-        zero = jax.eval_shape(one_chunk, (xs[0], ys[0], ms[0]))
-        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
-        sums = lax.map(lambda a: lax.cond(jnp.any(a[2]), one_chunk, lambda _: zero, a),
-                       (xs, ys, ms))
+        sums = map_chunks(one_chunk, (x, y), mask, self.cfg.eval_chunk)
         return jax.tree.map(lambda s: jnp.sum(s, 0), sums)
 
     def _score_splits(self, params, state, splits, rng, with_train: bool = True):
-        """Sums for a client's test split and, unless skipped, its train split."""
+        """Sums for a client's test split and, unless skipped, its train split (or
+        whatever the algorithm's own `score_client` reports)."""
         xtr, ytr, mtr, xte, yte, mte = splits
+        own = self.alg.score_client(params, state, (xtr, ytr, mtr), (xte, yte, mte), rng,
+                                    self.cfg.eval_chunk)
+        if own is not None:
+            return own
         sums = {"test": self._score(params, state, xte, yte, mte, rng)}
         if with_train:
             sums["train"] = self._score(params, state, xtr, ytr, mtr, rng)
@@ -168,6 +164,8 @@ class Engine:
 
     # ----------------------------------------------------------------- training
     def _cohort(self, rs: np.random.RandomState) -> np.ndarray:
+        if self.alg.full_participation:  # the reference draws nothing then (spec 3.3)
+            return np.arange(self.num_clients)
         return rs.choice(self.num_clients, self.cohort_size,
                          replace=self.cfg.sample_with_replacement)
 
@@ -230,8 +228,10 @@ class Engine:
             jax.block_until_ready((server, clients))
             t1 = time.perf_counter()
 
+            senders = (float(jnp.sum(stats["uploaded"])) if "uploaded" in stats
+                       else len(cohort))
             record = {"round": r, "train_seconds": t1 - t0,
-                      "up_bytes": tree_bytes(index(uploads, 0)) * len(cohort),
+                      "up_bytes": int(round(senders)) * tree_bytes(index(uploads, 0)),
                       "down_bytes": int(round(float(jnp.sum(stats["downloaded"]))))
                       * tree_bytes(down_tree)}
             record.update(_phase_means(stats["phase"], self.task.model.is_deq))
@@ -257,6 +257,10 @@ class Engine:
 
     def _unseen(self, server, init_params, init_state, key, eval_rng) -> dict | None:
         if not self.data.unseen_train:
+            return None
+        if not self.alg.evaluates_unseen:
+            print(f"{self.alg.name} has no unseen-client evaluation (as in the reference); "
+                  "unseen.txt is not written", flush=True)
             return None
         sizes = np.array([s.n for s in self.data.unseen_train])
         schedule, keys, _ = self._client_inputs(Batcher(sizes, self.cfg.batch_size),

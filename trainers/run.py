@@ -14,12 +14,13 @@ from models.registry import build_model
 from trainers.algorithms.base import HParams
 from trainers.algorithms.fedeq import FedEQConfig
 from trainers.engine import Engine, RunConfig
-from trainers.registry import resolve_trainer
+from trainers.registry import AlgorithmOptions, build_algorithm, resolve_trainer
 from trainers.task import ClassificationTask
 from utils.rundir import RunDir
 
 _DEFAULT_CLIENTS = {"synthetic": 30, "femnist": 100}
 _DEFAULT_ROUNDS = {"synthetic": 30}
+_TEXT_DATASETS = frozenset({"shakespeare"})
 # Flags that may differ when a run is resumed: none of them changes a trained number
 # (a larger --num_rounds extends a finished run).
 _RESUMABLE_CHANGES = frozenset({"outdir", "quiet", "num_rounds", "checkpoint_every"})
@@ -38,7 +39,7 @@ class RunRequest:
     run: RunConfig
     hp: HParams
     solver: SolverConfig
-    fedeq: FedEQConfig
+    options: AlgorithmOptions
     l2_reg: float
     flags: dict
 
@@ -46,8 +47,11 @@ class RunRequest:
     def from_flags(f: Any, default_model, default_outdir) -> "RunRequest":
         """Checks every flag before any work, with a message that says what is allowed."""
         entry = resolve_trainer(f.trainer)  # raises with the allowed names
-        del entry
         dataset = f.dataset
+        _check(entry.family != "text" or dataset in _TEXT_DATASETS,
+               f"--trainer {f.trainer} is a text trainer and {dataset} is not a text dataset; "
+               f"use the trainer without the _seq suffix (e.g. "
+               f"{f.trainer.removesuffix('_seq')}) for {dataset}")
         num_clients = f.num_clients or _DEFAULT_CLIENTS.get(dataset, 100)
         rounds = f.num_rounds if f.num_rounds is not None else _DEFAULT_ROUNDS.get(dataset, 400)
         model = f.model or default_model(dataset, f.trainer)
@@ -66,6 +70,12 @@ class RunRequest:
         _check(f.checkpoint_every >= 0, "--checkpoint_every must be >= 0 (0: only the last)")
         _check(f.learning_rate > 0, "--learning_rate must be > 0")
         _check(f.rho > 0, "--rho must be > 0")
+        ditto_lambda = getattr(f, "lambda")
+        _check(ditto_lambda >= 0, f"--lambda (Ditto) must be >= 0, got {ditto_lambda}")
+        _check(0 <= f.finetune_frac <= 1,
+               f"--finetune_frac must be in [0, 1], got {f.finetune_frac}")
+        _check(f.knn_neighbors >= 1, f"--knn_neighbors must be >= 1, got {f.knn_neighbors}")
+        _check(0 <= f.knn_lam <= 1, f"--knn_lam must be in [0, 1], got {f.knn_lam}")
         # The flags main.py defines (absl's own logging flags are left out).
         flag_values = {fl.name: fl.value
                        for fl in f.get_key_flags_for_module(sys.modules["__main__"])}
@@ -84,9 +94,13 @@ class RunRequest:
                        weighted=not f.unweighted_updates),
             solver=SolverConfig(fwd_solver=f.fwd_solver, bwd_solver=f.bwd_solver,
                                 fast_conv=f.fast_conv, anderson_impl=f.anderson_impl),
-            fedeq=FedEQConfig(rho=f.rho,
-                              lam_init=f.lam_admm if f.fedeq_lam_init_vision else 0.0,
-                              dual_in_average=f.fedeq_dual_average),
+            options=AlgorithmOptions(
+                fedeq=FedEQConfig(rho=f.rho,
+                                  lam_init=f.lam_admm if f.fedeq_lam_init_vision else 0.0,
+                                  dual_in_average=f.fedeq_dual_average),
+                ditto_lambda=ditto_lambda, ditto_reference_start=f.ditto_reference_start,
+                finetune_frac=f.finetune_frac, num_rounds=rounds,
+                knn_lam=f.knn_lam, knn_neighbors=f.knn_neighbors),
             l2_reg=f.l2_reg,
             flags={**flag_values, "model": model, "num_clients": num_clients,
                    "num_rounds": rounds},
@@ -105,9 +119,7 @@ def build_engine(req: RunRequest, seed: int, run_dir: RunDir | None) -> Engine:
     model = build_model(req.model, num_classes=data.num_classes,
                         input_shape=data.input_shape, solver=req.solver)
     task = ClassificationTask(model, l2_reg=req.l2_reg)
-    algo_cls = resolve_trainer(req.trainer).algorithm
-    algorithm = (algo_cls(task, req.hp, req.fedeq) if algo_cls.name == "fedeq"
-                 else algo_cls(task, req.hp))
+    algorithm = build_algorithm(req.trainer, task, req.hp, req.options)
     settings = {k: v for k, v in req.flags.items() if k not in _RESUMABLE_CHANGES}
     return Engine(data, task, algorithm, replace(req.run, seed=seed), run_dir,
                   settings={**settings, "seed": seed})

@@ -78,7 +78,7 @@ class RunDir:
 
     def write_unseen(self, train_acc: float, test_acc: float, record: dict[str, Any]) -> None:
         atomic_write(self.path / "unseen.txt", _fmt([train_acc, test_acc]) + "\n")
-        self._append("metrics.jsonl", json.dumps(record, sort_keys=True))
+        self._append("metrics.jsonl", _metrics_line(record))
 
     def write_partition(self, partition: dict[str, Any]) -> None:
         """`partition.npz`: the arrays that say which examples each client holds (label

@@ -4,13 +4,16 @@ An algorithm never loops over clients, reads files, prints or times anything; th
 (trainers/engine.py) does, and runs these functions for a whole cohort at once.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from trainers.local import ClientData, Schedule, sgd_phase
+from utils.pytree import merge, split_head
 
 PyTree = Any
 
@@ -39,10 +42,26 @@ class Algorithm:
     - `eval_params(server, client) -> (params, state)`: the model a client is scored with.
     - `adapt_unseen(server, init_params, init_state, data, schedule, rng)
       -> (params, state)` for clients held out of training.
+
+    Optional, for algorithms that depart from the usual round (class attributes and
+    hooks the engine reads, so that it never needs an algorithm's name):
+    - `stats["uploaded"]` (1.0 / 0.0 per client): whether the upload was really sent
+      (Finetune stops communicating after its switch); absent means every client sent.
+    - `full_participation`: every seen client trains every round, no cohort is drawn.
+    - `evaluates_unseen`: False where the reference has no unseen-client evaluation.
+    - `score_client(...)`: scores one client its own way instead of the engine's pooled
+      accuracy (kNN-Per); see its docstring.
+    - `resume_settings`: numbers derived from flags a resumed run may change (for example
+      a round count) that nevertheless change the results, so a checkpoint refuses them.
+
+    Round-dependent behaviour must read a round counter kept in the server state with
+    `jnp.where`-style selection: the map and vmap executors trace `client_update`.
     """
 
     name = "base"
     extra_initial_draw = False  # FeDEQ draws one unused cohort before round 0 (spec 3.8)
+    full_participation = False  # Local trains every client every round (spec 3.3)
+    evaluates_unseen = True     # Finetune and Local never evaluate unseen clients
 
     def __init__(self, task: Any, hp: HParams):
         self.task = task
@@ -72,6 +91,34 @@ class Algorithm:
         del init_params, init_state, data, schedule, rng
         return server["params"], server["state"]
 
+    def adapt_head(self, body: PyTree, init_params: PyTree, state: PyTree, data: ClientData,
+                   schedule: Schedule, rng: jax.Array) -> tuple[PyTree, PyTree]:
+        """Unseen-client adaptation of the head-personalised methods (FedRep, FedPer,
+        FeDEQ): a client that never trained has no head of its own, so it starts from the
+        initial head and trains only the head for P epochs on the shared body."""
+        _, head = split_head(init_params)
+        if self.hp.personal_epochs > 0:
+            head, state, _ = self.local_sgd(head, body, state, data,
+                                            schedule.stream(0, self.hp.personal_epochs), rng)
+        return merge(body, head), state
+
+    def score_client(self, params: PyTree, state: PyTree, train: tuple, test: tuple,
+                     rng: jax.Array, chunk: int) -> dict | None:
+        """None: the engine scores the client with pooled accuracy and loss.
+
+        An algorithm that scores clients its own way returns, per split it scores, a dict
+        of sums `{"correct", "loss", "count"}`; the engine adds them over clients and
+        divides, so a per-client accuracy returned with count 1 becomes an unweighted
+        mean over clients. `train` and `test` are padded (x, y, mask) arrays whose
+        length is a multiple of `chunk`, the number of examples per forward pass.
+        """
+        del params, state, train, test, rng, chunk
+        return None
+
+    @property
+    def resume_settings(self) -> dict[str, Any]:
+        return {}
+
 
 def phase_stats(*sums: jnp.ndarray) -> jnp.ndarray:
     return sum(sums[1:], sums[0])
@@ -79,6 +126,18 @@ def phase_stats(*sums: jnp.ndarray) -> jnp.ndarray:
 
 def as_float(x) -> jnp.ndarray:
     return jnp.asarray(x, jnp.float32)
+
+
+def map_chunks(fn: Callable, arrays: tuple, mask: jnp.ndarray, chunk: int) -> Any:
+    """`fn(*chunk_arrays, chunk_mask)` over consecutive chunks of the leading axis (a
+    multiple of `chunk`), outputs stacked on a new leading axis. Chunks holding only
+    padding are skipped (zeros returned): padding to the largest client can otherwise
+    double the cost of scoring small clients."""
+    parts = tuple(a.reshape((-1, chunk) + a.shape[1:]) for a in (*arrays, mask))
+    zero = jax.eval_shape(lambda a: fn(*a), tuple(p[0] for p in parts))
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+    return lax.map(lambda a: lax.cond(jnp.any(a[-1]), lambda b: fn(*b), lambda _: zero, a),
+                   parts)
 
 
 def empty_clients(num_clients: int) -> dict:

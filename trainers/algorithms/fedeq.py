@@ -109,9 +109,5 @@ class FedEQ(Algorithm):
 
     def adapt_unseen(self, server, init_params, init_state, data, schedule, rng):
         """theta from the start of the last round, the initial head, head-only training."""
-        theta, state = server["prev_theta"], server["prev_state"]
-        _, phi = split_head(init_params)
-        if self.hp.personal_epochs > 0:
-            phi, state, _ = self.local_sgd(phi, theta, state, data,
-                                           schedule.stream(0, self.hp.personal_epochs), rng)
-        return merge(theta, phi), state
+        return self.adapt_head(server["prev_theta"], init_params, server["prev_state"], data,
+                               schedule, rng)
