@@ -36,6 +36,9 @@ def test_table_and_plots_from_run_directories(tmp_path):
     assert "50.00 ± 0.00" in fedeq_row and "40.00 ± 0.00" in fedeq_row
     for name in ("accuracy_vs_rounds.png", "accuracy_vs_megabytes.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    rounds = (out / "rounds_fedeq.md").read_text().splitlines()
+    assert len(rounds) == 2 + 3 and rounds[-1].startswith("| 2 | 0.5000 | — |")
+    assert (out / "rounds_fedavg_run1.md").is_file()
 
 
 def test_megabytes_accumulate_per_client(tmp_path):

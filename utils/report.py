@@ -114,6 +114,24 @@ def table(groups: list[list[Run]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rounds_table(run: Run) -> str:
+    """Markdown: one row per logged round (accuracy, seconds, solver statistics, MB)."""
+    def cell(record: dict, key: str, fmt: str) -> str:
+        value = record.get(key)
+        return "—" if value is None or value != value else format(value, fmt)
+
+    lines = ["| round | test acc | train acc | train s | eval s | fwd iters | bwd iters | "
+             "bwd residual | up MB | down MB |", "|---" * 10 + "|"]
+    for r in run.rounds:
+        lines.append("| " + " | ".join([
+            str(r["round"]), cell(r, "test_acc", ".4f"), cell(r, "train_acc", ".4f"),
+            cell(r, "train_seconds", ".0f"), cell(r, "eval_seconds", ".0f"),
+            cell(r, "solver_iters", ".1f"), cell(r, "bwd_iters", ".1f"),
+            cell(r, "bwd_residual", ".1e"), format((r.get("up_bytes") or 0) / 1e6, ".1f"),
+            format((r.get("down_bytes") or 0) / 1e6, ".1f")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(groups: list[list[Run]], out: Path, title: str) -> list[Path]:
     import matplotlib
 
@@ -167,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     text = table(groups)
     atomic_write(args.out / "table.md", text)
     paths = plot(groups, args.out, args.title)
+    for runs in groups:
+        for run in runs:
+            name = "rounds_" + "_".join(run.path.parts[-2:] if run.path.name.startswith("run")
+                                        else run.path.parts[-1:]) + ".md"
+            atomic_write(args.out / name, rounds_table(run))
+            paths.append(args.out / name)
     print(text)
     for runs in groups:
         accs = ", ".join("nan" if math.isnan(r.final_test_acc) else f"{r.final_test_acc:.4f}"
