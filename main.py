@@ -26,6 +26,9 @@ flags.DEFINE_string("model", None, f"model: {', '.join(MODELS)} (default: the da
                     short_name="m")
 flags.DEFINE_string("dataset", "synthetic", f"dataset: {', '.join(DATASETS)}", short_name="d")
 flags.DEFINE_string("data_dir", "data", "folder holding one sub-folder per dataset")
+flags.DEFINE_enum("data_source", "files", ["files", "tfds"], "CIFAR: the official files under "
+                  "--data_dir (downloaded there when missing and online), or tensorflow-"
+                  "datasets (needs TensorFlow, ~1.4 GB)")
 flags.DEFINE_integer("num_clients", None, "clients read (the first ones); default: the "
                      "dataset's (100 FEMNIST, 30 synthetic)", short_name="c")
 flags.DEFINE_integer("num_rounds", None, "rounds; num_rounds + 1 are run as in the reference "
@@ -76,6 +79,9 @@ flags.DEFINE_integer("eval_train_every", 1, "score the (large) train split only 
 flags.DEFINE_integer("checkpoint_every", 1, "write the run's whole state every this many "
                      "rounds (0: only at the end); rerunning the same command with the same "
                      "--outdir continues from it")
+flags.DEFINE_enum("upload_dtype", "float32", ["float32", "bfloat16", "float16"],
+                  "precision of what clients upload: cast before sending, counted at the "
+                  "sent size, cast back to float32 on the server")
 flags.DEFINE_integer("eval_chunk", 32, "examples per evaluation batch")
 flags.DEFINE_enum("anderson_impl", "batched", ["batched", "jaxopt"], "Anderson for the whole "
                   "batch in one loop, or jaxopt's solver vmapped per example (same iterates)")
@@ -88,11 +94,29 @@ flags.DEFINE_bool("ditto_reference_start", False, "Ditto as the reference runs i
                   "(default: the published Ditto, whose personal model persists)")
 flags.DEFINE_bool("fedeq_lam_init_vision", False, "start vision duals at --lam_admm, as "
                   "the reference intends but does not do")
+# Text (Shakespeare): where the reference's _seq trainers differ from its vision ones. The
+# defaults are the reference's (docs/DEVIATIONS.md, "Text (Shakespeare)").
+flags.DEFINE_bool("text_sample_with_replacement", True, "text FedAvg draws each round's "
+                  "clients with replacement, as the reference's fedavg_seq")
+flags.DEFINE_bool("text_uniform_average", True, "text FeDEQ and FedPer average the uploads "
+                  "uniformly, as the reference (--notext_uniform_average: weighted by samples "
+                  "like their vision versions)")
+flags.DEFINE_bool("text_admm_per_token", True, "text FeDEQ divides its ADMM terms by the "
+                  "batch's token count, as the reference (effective rho and lambda ~1000x "
+                  "smaller)")
+flags.DEFINE_bool("text_acc_ignores_padding", False, "text accuracy (and kNN-Per's datastore "
+                  "and queries) over non-padding positions only; the reference counts every "
+                  "position")
+flags.DEFINE_bool("text_eval_dropout", True, "keep the transformers' dropout on when "
+                  "evaluating, as the reference does")
 
 
 def _default_model(dataset: str, trainer: str) -> str:
     deq = trainer.startswith("fedeq")
-    return {"synthetic": "deq_mlp", "femnist": "deq_resnet_s" if deq else "resnet20"}[dataset]
+    return {"synthetic": "deq_mlp", "femnist": "deq_resnet_s" if deq else "resnet20",
+            "cifar10": "deq_resnet_m" if deq else "resnet34",
+            "cifar100": "deq_resnet_m" if deq else "resnet34",
+            "shakespeare": "deq_transformer" if deq else "transformer8"}[dataset]
 
 
 def _outdir(trainer: str, dataset: str, num_clients: int, model: str) -> str:

@@ -11,7 +11,8 @@ from trainers.task import ClassificationTask
 
 
 def small_engine(algorithm: str = "fedeq", executor: str = "loop", seed: int = 0,
-                 rounds: int = 1, frac_unseen: float = 0.0, run_dir=None) -> Engine:
+                 rounds: int = 1, frac_unseen: float = 0.0, run_dir=None,
+                 upload_dtype: str = "float32") -> Engine:
     data = make_synthetic(num_clients=8, seed=3, frac_unseen=frac_unseen, min_samples=20,
                           max_samples=40)
     model = build_model("deq_mlp", num_classes=data.num_classes, input_shape=data.input_shape,
@@ -20,7 +21,8 @@ def small_engine(algorithm: str = "fedeq", executor: str = "loop", seed: int = 0
     hp = HParams(lr=0.05, local_epochs=2, personal_epochs=1)
     algo = FedEQ(task, hp, FedEQConfig(rho=0.1)) if algorithm == "fedeq" else FedAvg(task, hp)
     cfg = RunConfig(num_rounds=rounds, seed=seed, clients_per_round=0.5, batch_size=8,
-                    executor=executor, vmap_chunk=3, eval_chunk=16, quiet=True)
+                    executor=executor, vmap_chunk=3, eval_chunk=16, quiet=True,
+                    upload_dtype=upload_dtype)
     return Engine(data, task, algo, cfg, run_dir)
 
 
@@ -42,3 +44,24 @@ def trainer_engine(trainer: str, executor: str = "loop", rounds: int = 1,
     cfg = RunConfig(num_rounds=rounds, seed=0, clients_per_round=clients_per_round,
                     batch_size=8, executor=executor, vmap_chunk=3, eval_chunk=16, quiet=True)
     return Engine(data, task, algo, cfg, run_dir)
+
+
+# main.py flags for a tiny Shakespeare run on `write_tiny_shakespeare`'s data; tests that
+# pass the same ones (the runner scripts add lr 0.1) share their compiled programs.
+# A client holds 3 + 1 windows: evaluation chunks of 4 keep the DEQ's 40 evaluation solver
+# steps from running on 32 mostly padded examples.
+TINY_SHAKESPEARE_FLAGS = ("-c", "4", "-le", "1", "-pe", "1", "-cr", "0.5", "-b", "4",
+                          "--eval_chunk", "4", "-q")
+
+
+def write_tiny_shakespeare(root, clients: int = 4) -> None:
+    """TFF-layout h5 files under root/shakespeare: per client three one-window train
+    snippets and one test snippet. Runs that share these shapes and flags compile the
+    same programs (see the `shared_compile_env` fixture)."""
+    from pathlib import Path
+
+    from tests.test_shakespeare_data import _snippets, _write_tff
+
+    names = [f"role{i}" for i in range(clients)]
+    _write_tff(Path(root) / "shakespeare", {c: _snippets(c, 3) for c in names},
+               {c: _snippets(c, 1) for c in names})

@@ -56,7 +56,7 @@ class QuadTask:
             state = {"bn": {"steps": state["bn"]["steps"] + 1.0}}
         return ModelOutput(per_example[:, None], x, SolverStats.zeros()), state
 
-    def loss(self, logits, y, mask):
+    def loss(self, logits, y, mask, x=None):
         m = mask.astype(jnp.float32)
         return jnp.sum(logits[:, 0] * m) / jnp.maximum(jnp.sum(m), 1.0)
 

@@ -1,4 +1,11 @@
-"""Every runner script starts and completes a round on tiny data the test writes."""
+"""Every runner script starts and completes a round on tiny data the test writes.
+
+In the default (CI) run each script keeps all of its flags but trains the small DEQ-MLP
+(`-m deq_mlp` appended, absl takes the last value), which checks that every script
+reaches main.py with its trainer, dataset and hyper-parameters; the FEMNIST FeDEQ and
+FedAvg scripts also run with their own models. `-m slow` runs every script with the
+model it names (ResNet34 and DEQ-ResNet-M on CIFAR take about a minute each here).
+"""
 
 import json
 import os
@@ -8,8 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import TINY_SHAKESPEARE_FLAGS, write_tiny_shakespeare
+from tests.test_cifar_data import write_cifar10, write_cifar100
+
 ROOT = Path(__file__).resolve().parent.parent
-FEMNIST_RUNNERS = sorted((ROOT / "runners" / "femnist").glob("run_*.sh"))
+DATASETS = ("femnist", "cifar10", "cifar100")
+RUNNERS = [p for d in DATASETS for p in sorted((ROOT / "runners" / d).glob("run_*.sh"))]
+# Per dataset: flags that make a round tiny, and the script's batch size.
+TINY = {"femnist": (["-c", "4", "-cr", "0.5"], 10),
+        "cifar10": (["-c", "4", "-cr", "0.5"], 20),
+        "cifar100": (["-c", "20", "-cr", "0.1"], 20)}
 
 
 def _tiny_femnist(root: Path, writers: int = 4, train: int = 12, test: int = 4) -> None:
@@ -22,17 +37,144 @@ def _tiny_femnist(root: Path, writers: int = 4, train: int = 12, test: int = 4) 
         (root / "femnist" / split / f"{split}.json").write_text(json.dumps(blob))
 
 
-@pytest.mark.parametrize("script", FEMNIST_RUNNERS, ids=lambda p: p.name)
-def test_femnist_runner_completes_a_round(tmp_path, script):
-    _tiny_femnist(tmp_path / "data")
+def _tiny_data(root: Path, dataset: str) -> None:
+    if dataset == "femnist":
+        _tiny_femnist(root)
+    elif dataset == "cifar10":
+        write_cifar10(root / "cifar10" / "cifar-10-batches-py", train_per_class=8,
+                      test_per_class=4)
+    else:
+        write_cifar100(root / "cifar100" / "cifar-100-python", train_per_class=2,
+                       test_per_class=1)
+
+
+def _run_script(tmp_path: Path, script: Path, *extra: str) -> dict:
+    dataset = script.parent.name
+    _tiny_data(tmp_path / "data", dataset)
     out = tmp_path / "run"
+    tiny, batch = TINY[dataset]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
-        ["bash", str(script), "--data_dir", str(tmp_path / "data"), "-c", "4", "-t", "0",
-         "-le", "1", "-pe", "1", "-cr", "0.5", "-q", "-o", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        ["bash", str(script), "--data_dir", str(tmp_path / "data"), *tiny, "-t", "0",
+         "-le", "1", "-pe", "1", "-q", "-o", str(out), *extra],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len((out / "output.txt").read_text().splitlines()) == 1
+    assert (out / "final_result.txt").is_file()
     flags = json.loads((out / "flags.json").read_text())
-    assert flags["dataset"] == "femnist" and flags["num_rounds"] == 0  # extra flags win
-    assert flags["seed"] == 100 and flags["batch_size"] == 10
+    assert flags["dataset"] == dataset and flags["num_rounds"] == 0  # extra flags win
+    assert flags["seed"] == 100 and flags["batch_size"] == batch
+    assert flags["trainer"].startswith(script.stem.removeprefix("run_"))
+    if dataset.startswith("cifar"):
+        assert (out / "partition.npz").is_file()
+    return flags
+
+
+@pytest.mark.parametrize("script", RUNNERS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_runner_completes_a_round(tmp_path, script):
+    _run_script(tmp_path, script, "-m", "deq_mlp")
+
+
+@pytest.mark.parametrize("script", [ROOT / "runners/femnist/run_fedeq.sh",
+                                    ROOT / "runners/femnist/run_fedavg.sh"],
+                         ids=lambda p: p.name)
+def test_femnist_runner_with_its_own_model(tmp_path, script):
+    flags = _run_script(tmp_path, script)
+    assert flags["model"] == ("deq_resnet_s" if "fedeq" in script.name else "resnet20")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", RUNNERS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_runner_with_its_own_model(tmp_path, script):
+    flags = _run_script(tmp_path, script)
+    assert flags["model"] in ("resnet20", "deq_resnet_s", "resnet34", "deq_resnet_m")
+
+
+SHAKESPEARE_RUNNERS = sorted((ROOT / "runners" / "shakespeare").glob("run_*.sh"))
+
+
+def _run_shakespeare_script(tmp_path: Path, script: Path, env: dict, *extra: str) -> dict:
+    write_tiny_shakespeare(tmp_path / "data")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        ["bash", str(script), "--data_dir", str(tmp_path / "data"), *TINY_SHAKESPEARE_FLAGS,
+         "-t", "0", "-o", str(out), *extra],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len((out / "output.txt").read_text().splitlines()) == 1
+    assert (out / "final_result.txt").is_file()
+    flags = json.loads((out / "flags.json").read_text())
+    algo = script.stem.removeprefix("run_")
+    assert flags["trainer"] == f"{algo}_seq" and flags["dataset"] == "shakespeare"
+    assert flags["num_rounds"] == 0 and flags["batch_size"] == 4  # extra flags win
+    assert (flags["seed"], flags["learning_rate"], flags["inner_mode"]) == (100, 0.1, "epoch")
+    if algo == "ditto":
+        assert flags["lambda"] == 0.1
+    if algo == "fedeq":
+        assert (flags["rho"], flags["lam_admm"]) == (0.01, 0.001)
+    return flags
+
+
+# Spec 4.2: what every Shakespeare script sets, and what each adds.
+SHAKESPEARE_FLAGS = {"--dataset": "shakespeare", "--num_clients": "200", "--num_rounds": "400",
+                     "--batch_size": "16", "--learning_rate": "0.1",
+                     "--clients_per_round": "0.1", "--inner_mode": "epoch",
+                     "--eval_every": "1", "--inner_epochs": "5",
+                     "--personalized_epochs": "3", "--seed": "100"}
+SHAKESPEARE_SCRIPT_FLAGS = {
+    "fedavg": {}, "finetune": {}, "local": {}, "fedrep": {}, "fedper": {},
+    "ditto": {"--lambda": "0.1"},
+    "knnper": {"--knn_neighbors": "10", "--knn_lam": "0.5"},
+    "fedeq": {"--model": "deq_transformer", "--rho": "0.01", "--lam_admm": "0.001"},
+}
+
+
+def _script_argv(tmp_path: Path, script: Path, *extra: str) -> list[str]:
+    """The arguments a runner script hands to python3, caught by a stand-in python3."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python3").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGV_FILE"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "ARGV_FILE": str(tmp_path / "argv")}
+    subprocess.run(["bash", str(script), *extra], env=env, check=True, timeout=60)
+    return (tmp_path / "argv").read_text().splitlines()
+
+
+def test_shakespeare_scripts_pass_the_reference_hyper_parameters(tmp_path):
+    assert sorted(p.stem.removeprefix("run_") for p in SHAKESPEARE_RUNNERS) == sorted(
+        SHAKESPEARE_SCRIPT_FLAGS)
+    for script in SHAKESPEARE_RUNNERS:
+        algo = script.stem.removeprefix("run_")
+        argv = _script_argv(tmp_path / algo, script, "-r", "1")
+        assert Path(argv[0]).resolve() == (ROOT / "main.py").resolve()
+        assert argv[-2:] == ["-r", "1"]  # appended whole (the reference glued them, 8.1.3)
+        pairs = argv[1:-2]
+        got = dict(zip(pairs[::2], pairs[1::2], strict=True))
+        expected = {**SHAKESPEARE_FLAGS, "--trainer": f"{algo}_seq",
+                    "--model": "transformer8", **SHAKESPEARE_SCRIPT_FLAGS[algo]}
+        assert got == expected, algo
+
+
+# The default set runs kNN-Per's script, the one with text-only scoring code (FedAvg-seq and
+# FeDEQ-text run through main.py in tests/test_text_task.py); every script runs with
+# -m slow (15-40 s each here).
+_CI_SHAKESPEARE = ("run_knnper.sh",)
+
+
+@pytest.mark.parametrize("script", [
+    pytest.param(p, marks=() if p.name in _CI_SHAKESPEARE else pytest.mark.slow)
+    for p in SHAKESPEARE_RUNNERS], ids=lambda p: f"shakespeare/{p.name}")
+def test_shakespeare_runner_completes_a_round(tmp_path, script, shared_compile_env):
+    """Every script with Transformer-8 (the FeDEQ script names the DEQ-Transformer, which
+    tests/test_text_task.py runs through main.py with these flags); the runs share
+    compiled programs through the session's compilation cache."""
+    flags = _run_shakespeare_script(tmp_path, script, shared_compile_env, "-m", "transformer8")
+    assert flags["model"] == "transformer8"
+
+
+@pytest.mark.slow
+def test_shakespeare_fedeq_runner_with_its_own_model(tmp_path, shared_compile_env):
+    flags = _run_shakespeare_script(tmp_path, ROOT / "runners/shakespeare/run_fedeq.sh",
+                                    shared_compile_env)
+    assert flags["model"] == "deq_transformer"

@@ -21,7 +21,7 @@ from trainers.algorithms.base import Algorithm, key_words, map_chunks
 from trainers.executors import Executor, default_executor
 from trainers.local import PHASE_STATS, ClientData, Schedule
 from utils import checkpoint
-from utils.pytree import all_finite, index, split_head, tree_bytes, tree_size
+from utils.pytree import all_finite, cast_floats, index, split_head, tree_bytes, tree_size
 from utils.rundir import RunDir
 
 
@@ -45,6 +45,7 @@ class RunConfig:
     sample_with_replacement: bool = False
     quiet: bool = False
     checkpoint_every: int = 1   # rounds between checkpoints (0: never; the last is always)
+    upload_dtype: str = "float32"  # uploads travel in this precision (counted at its size)
 
 
 def _pad_clients(splits: list[ClientSplit], multiple: int) -> tuple[np.ndarray, ...]:
@@ -111,6 +112,12 @@ class Engine:
         self._eval_fns = {True: self._make_eval_fn(True), False: self._make_eval_fn(False)}
         self._adapt_fn, self._unseen_score_fn = self._make_unseen_fns()
         self._server_update = jax.jit(algorithm.server_update)
+        # Uploads cast to the wire precision and back on the server (float32: untouched).
+        wire = jnp.dtype(cfg.upload_dtype)
+        self._to_wire = ((lambda t: t) if wire == jnp.float32
+                         else jax.jit(lambda t: cast_floats(t, wire)))
+        self._from_wire = ((lambda sent, like: sent) if wire == jnp.float32 else jax.jit(
+            lambda sent, like: jax.tree.map(lambda s, o: s.astype(o.dtype), sent, like)))
         self._scatter = jax.jit(
             lambda tree, rows, new: jax.tree.map(lambda a, b: a.at[rows].set(b), tree, new))
 
@@ -119,7 +126,7 @@ class Engine:
         """Sums of correct / loss / count over one client's padded examples, in chunks."""
         def one_chunk(cx, cy, cm):
             out, _ = self.task.apply(params, state, rng, cx, False)
-            return self.task.eval_sums(out.logits, cy, cm)
+            return self.task.eval_sums(out.logits, cy, cm, cx)
 
         sums = map_chunks(one_chunk, (x, y), mask, self.cfg.eval_chunk)
         return jax.tree.map(lambda s: jnp.sum(s, 0), sums)
@@ -167,7 +174,8 @@ class Engine:
         if self.alg.full_participation:  # the reference draws nothing then (spec 3.3)
             return np.arange(self.num_clients)
         return rs.choice(self.num_clients, self.cohort_size,
-                         replace=self.cfg.sample_with_replacement)
+                         replace=self.cfg.sample_with_replacement
+                         or self.alg.samples_with_replacement)
 
     def _client_inputs(self, batcher: "Batcher", cohort, key: jax.Array):
         """Schedules and keys for the clients in order; each client folds its index into
@@ -221,9 +229,15 @@ class Engine:
             new_clients, uploads, stats = self.executor(
                 self._client_fn, server, (cohort_clients, data, schedule, keys), trains=True)
             self._check_finite(r, cohort, stats, uploads)
+            if len(set(cohort.tolist())) < len(cohort):
+                # Drawn with replacement: as in the reference (spec 3.1), a client drawn
+                # twice keeps, and uploads for both draws, the result of its last draw.
+                last = jnp.asarray(_last_draw(cohort))
+                new_clients, uploads = index(new_clients, last), index(uploads, last)
+            sent = self._to_wire(uploads)
             down_tree = alg.broadcast(server)
             weights = alg.aggregation_weights(jnp.asarray(self.sizes[cohort]))
-            server = self._server_update(server, uploads, weights)
+            server = self._server_update(server, self._from_wire(sent, uploads), weights)
             clients = self._scatter(clients, rows, new_clients)
             jax.block_until_ready((server, clients))
             t1 = time.perf_counter()
@@ -231,7 +245,7 @@ class Engine:
             senders = (float(jnp.sum(stats["uploaded"])) if "uploaded" in stats
                        else len(cohort))
             record = {"round": r, "train_seconds": t1 - t0,
-                      "up_bytes": int(round(senders)) * tree_bytes(index(uploads, 0)),
+                      "up_bytes": int(round(senders)) * tree_bytes(index(sent, 0)),
                       "down_bytes": int(round(float(jnp.sum(stats["downloaded"]))))
                       * tree_bytes(down_tree)}
             record.update(_phase_means(stats["phase"], self.task.model.is_deq))
@@ -325,12 +339,19 @@ class Engine:
         return summary
 
 
+def _last_draw(cohort: np.ndarray) -> np.ndarray:
+    """For each position of the cohort, the position of that client's last draw."""
+    last = {int(c): i for i, c in enumerate(cohort)}
+    return np.array([last[int(c)] for c in cohort])
+
+
 def _pooled(sums: dict) -> dict[str, float]:
     out = {"train_acc": float("nan"), "train_loss": float("nan")}
     for split in sums:
         s = jax.tree.map(lambda v: float(jnp.sum(v)), sums[split])
         out[f"{split}_acc"] = s["correct"] / max(s["count"], 1.0)
-        out[f"{split}_loss"] = s["loss"] / max(s["count"], 1.0)
+        # Text tasks count their loss over other positions than their accuracy.
+        out[f"{split}_loss"] = s["loss"] / max(s.get("loss_count", s["count"]), 1.0)
     return out
 
 

@@ -27,7 +27,9 @@ from utils.pytree import merge
 PHASE_STATS = ("steps", "loss", "fwd_iters", "fwd_residual", "bwd_steps", "bwd_iters",
                "bwd_residual")
 
-Penalty = Callable[[dict, Any], jnp.ndarray]
+# penalty(trainable, penalty_args, x, mask): the batch is there for penalties that are
+# scaled by it (text FeDEQ divides its ADMM terms by the batch's token count).
+Penalty = Callable[[dict, Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
 class ClientData(NamedTuple):
@@ -53,10 +55,10 @@ def _make_step(task: Any, lr: float, penalty: Penalty | None) -> Callable:
 
     def objective(tr, probe, st, frozen, penalty_args, x, y, m, key):
         out, new_st = task.apply(merge(frozen, tr), st, key, x, True, probe)
-        loss = task.loss(out.logits, y, m)
+        loss = task.loss(out.logits, y, m, x)
         total = loss + task.l2(tr)
         if penalty is not None:
-            total = total + penalty(tr, penalty_args)
+            total = total + penalty(tr, penalty_args, x, m)
         return total, (new_st, loss, out.solver_stats)
 
     grad_fn = jax.grad(objective, argnums=(0, 1), has_aux=True)
@@ -85,7 +87,8 @@ def sgd_phase(task: Any, lr: float, trainable: dict, frozen: dict, state: dict,
               data: ClientData, schedule: Schedule, rng: jax.Array,
               penalty: Penalty | None = None, penalty_args: Any = None
               ) -> tuple[dict, dict, jnp.ndarray]:
-    """SGD over the schedule on the task loss (+ l2 + `penalty(trainable, penalty_args)`).
+    """SGD over the schedule on the task loss (+ l2 + `penalty(trainable, penalty_args, x,
+    mask)` on each batch).
 
     `penalty` must be a module-level function (it keys the compiled step); whatever it
     depends on travels in `penalty_args`. Returns the new trainable params, the new model

@@ -2,7 +2,7 @@
 
 
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,12 @@ from models.registry import build_model
 from trainers.algorithms.base import HParams
 from trainers.algorithms.fedeq import FedEQConfig
 from trainers.engine import Engine, RunConfig
-from trainers.registry import AlgorithmOptions, build_algorithm, resolve_trainer
-from trainers.task import ClassificationTask
+from trainers.registry import AlgorithmOptions, TextOptions, build_algorithm, resolve_trainer
+from trainers.task import make_task
 from utils.rundir import RunDir
 
-_DEFAULT_CLIENTS = {"synthetic": 30, "femnist": 100}
+_DEFAULT_CLIENTS = {"synthetic": 30, "femnist": 100, "cifar10": 100, "cifar100": 100,
+                    "shakespeare": 200}
 _DEFAULT_ROUNDS = {"synthetic": 30}
 _TEXT_DATASETS = frozenset({"shakespeare"})
 # Flags that may differ when a run is resumed: none of them changes a trained number
@@ -42,6 +43,7 @@ class RunRequest:
     options: AlgorithmOptions
     l2_reg: float
     flags: dict
+    data_kwargs: dict = field(default_factory=dict)  # labels per client, data source
 
     @staticmethod
     def from_flags(f: Any, default_model, default_outdir) -> "RunRequest":
@@ -52,6 +54,10 @@ class RunRequest:
                f"--trainer {f.trainer} is a text trainer and {dataset} is not a text dataset; "
                f"use the trainer without the _seq suffix (e.g. "
                f"{f.trainer.removesuffix('_seq')}) for {dataset}")
+        # A vision trainer would run on text without the reference's text settings.
+        _check(entry.family == "text" or dataset not in _TEXT_DATASETS,
+               f"--trainer {f.trainer} is a vision trainer and {dataset} is a text dataset; "
+               f"use {entry.algorithm.name}_seq")
         num_clients = f.num_clients or _DEFAULT_CLIENTS.get(dataset, 100)
         rounds = f.num_rounds if f.num_rounds is not None else _DEFAULT_ROUNDS.get(dataset, 400)
         model = f.model or default_model(dataset, f.trainer)
@@ -69,6 +75,7 @@ class RunRequest:
         _check(f.repeat >= 1, "--repeat must be >= 1")
         _check(f.checkpoint_every >= 0, "--checkpoint_every must be >= 0 (0: only the last)")
         _check(f.learning_rate > 0, "--learning_rate must be > 0")
+        _check(f.labels_per_client >= 1, "--labels_per_client must be >= 1")
         _check(f.rho > 0, "--rho must be > 0")
         ditto_lambda = getattr(f, "lambda")
         _check(ditto_lambda >= 0, f"--lambda (Ditto) must be >= 0, got {ditto_lambda}")
@@ -88,7 +95,7 @@ class RunRequest:
                           batch_size=f.batch_size, eval_every=f.eval_every,
                           eval_train_every=f.eval_train_every,
                           executor=f.executor or "", eval_chunk=f.eval_chunk, quiet=f.quiet,
-                          checkpoint_every=f.checkpoint_every),
+                          checkpoint_every=f.checkpoint_every, upload_dtype=f.upload_dtype),
             hp=HParams(lr=f.learning_rate, local_epochs=f.inner_epochs,
                        personal_epochs=f.personalized_epochs,
                        weighted=not f.unweighted_updates),
@@ -100,10 +107,18 @@ class RunRequest:
                                   dual_in_average=f.fedeq_dual_average),
                 ditto_lambda=ditto_lambda, ditto_reference_start=f.ditto_reference_start,
                 finetune_frac=f.finetune_frac, num_rounds=rounds,
-                knn_lam=f.knn_lam, knn_neighbors=f.knn_neighbors),
+                knn_lam=f.knn_lam, knn_neighbors=f.knn_neighbors, lam_admm=f.lam_admm,
+                text=TextOptions(
+                    sample_with_replacement=f.text_sample_with_replacement,
+                    uniform_average=f.text_uniform_average,
+                    admm_per_token=f.text_admm_per_token,
+                    acc_ignores_padding=f.text_acc_ignores_padding,
+                    eval_dropout=f.text_eval_dropout)),
             l2_reg=f.l2_reg,
             flags={**flag_values, "model": model, "num_clients": num_clients,
                    "num_rounds": rounds},
+            data_kwargs={"labels_per_client": f.labels_per_client,
+                         "source": "tfds" if f.data_source == "tfds" else "pickle"},
         )
 
 
@@ -115,10 +130,15 @@ def _check(ok: bool, message: str) -> None:
 
 
 def build_engine(req: RunRequest, seed: int, run_dir: RunDir | None) -> Engine:
-    data = load_dataset(req.dataset, req.data_dir, req.num_clients, req.frac_unseen, seed)
+    data = load_dataset(req.dataset, req.data_dir, req.num_clients, req.frac_unseen, seed,
+                        **req.data_kwargs)
+    if run_dir is not None and data.partition is not None:
+        run_dir.write_partition(data.partition)  # the clients this seed drew, kept with the run
+    text = req.options.text
     model = build_model(req.model, num_classes=data.num_classes,
-                        input_shape=data.input_shape, solver=req.solver)
-    task = ClassificationTask(model, l2_reg=req.l2_reg)
+                        input_shape=data.input_shape, solver=req.solver,
+                        dropout_at_eval=text.eval_dropout)
+    task = make_task(data.task, model, req.l2_reg, text.acc_ignores_padding)
     algorithm = build_algorithm(req.trainer, task, req.hp, req.options)
     settings = {k: v for k, v in req.flags.items() if k not in _RESUMABLE_CHANGES}
     return Engine(data, task, algorithm, replace(req.run, seed=seed), run_dir,

@@ -1,5 +1,10 @@
 """A task = a model plus how its outputs are scored. Algorithms see only this interface,
-which is what lets one FeDEQ (or FedAvg...) implementation serve vision and text."""
+which is what lets one FeDEQ (or FedAvg...) implementation serve vision and text.
+
+Every task offers `apply`, `loss(logits, y, mask, x)`, `eval_sums(logits, y, mask, x)`
+and `l2`; `mask` marks the real examples of a padded batch and `x` is the batch's input
+(text tasks take their token mask from it, as the reference does).
+"""
 
 from dataclasses import dataclass
 
@@ -10,11 +15,11 @@ import optax
 from models.base import ModelOutput
 from models.registry import ModelSpec
 
+PAD_ID = 0
+
 
 @dataclass(frozen=True)
-class ClassificationTask:
-    """Softmax cross-entropy on integer labels; accuracy pooled over examples."""
-
+class _ModelTask:
     model: ModelSpec
     l2_reg: float = 0.0
 
@@ -22,22 +27,82 @@ class ClassificationTask:
               ) -> tuple[ModelOutput, dict]:
         return self.model.transformed.apply(params, state, rng, x, is_training, probe)
 
-    def loss(self, logits: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    def l2(self, params) -> jnp.ndarray:
+        if not self.l2_reg:
+            return jnp.zeros(())
+        return 0.5 * self.l2_reg * sum(jnp.sum(x * x) for x in jax.tree.leaves(params))
+
+
+@dataclass(frozen=True)
+class ClassificationTask(_ModelTask):
+    """Softmax cross-entropy on integer labels; accuracy pooled over examples."""
+
+    def loss(self, logits: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray,
+             x: jnp.ndarray | None = None) -> jnp.ndarray:
         """Mean cross-entropy over the real (mask = 1) examples of a batch."""
+        del x
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         mask = mask.astype(ce.dtype)
         return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
-    def eval_sums(self, logits: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray
-                  ) -> dict[str, jnp.ndarray]:
+    def eval_sums(self, logits: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray,
+                  x: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
         """Sums (not means) so that chunks and clients can be pooled exactly."""
+        del x
         mask = mask.astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
         return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(ce * mask),
                 "count": jnp.sum(mask)}
 
-    def l2(self, params) -> jnp.ndarray:
-        if not self.l2_reg:
-            return jnp.zeros(())
-        return 0.5 * self.l2_reg * sum(jnp.sum(x * x) for x in jax.tree.leaves(params))
+
+def token_mask(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """(B, T): the positions of real examples whose *input* token is not padding.
+
+    The reference builds its loss mask from the inputs, not the targets (spec 2.3), so
+    the position after an end-of-snippet token, whose target is padding, is trained on.
+    """
+    return (x != PAD_ID) & mask.astype(bool)[:, None]
+
+
+@dataclass(frozen=True)
+class TextTask(_ModelTask):
+    """Next-token prediction on (B, T) token ids (spec 2.3).
+
+    Loss: NLL averaged over the batch's tokens under `token_mask`. Accuracy: by default
+    as the reference computes it, over every position of every real sequence, padding
+    included; since every sequence has T positions, pooling those positions over
+    clients is exactly the reference's mean of client accuracies weighted by their
+    number of sequences. `acc_ignores_padding` counts only the `token_mask` positions,
+    pooled over tokens (a client-level mean would need per-client division).
+    """
+
+    acc_ignores_padding: bool = False
+
+    def loss(self, logits: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray,
+             x: jnp.ndarray) -> jnp.ndarray:
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        tokens = token_mask(x, mask).astype(nll.dtype)
+        return jnp.sum(nll * tokens) / jnp.maximum(jnp.sum(tokens), 1.0)
+
+    def eval_sums(self, logits: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray,
+                  x: jnp.ndarray) -> dict[str, jnp.ndarray]:
+        """`count` is what accuracy divides by; the loss has its own `loss_count` (its
+        tokens), since the two are counted over different positions by default."""
+        tokens = token_mask(x, mask).astype(jnp.float32)
+        scored = tokens if self.acc_ignores_padding else jnp.broadcast_to(
+            mask.astype(jnp.float32)[:, None], y.shape)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+        return {"correct": jnp.sum(correct * scored), "count": jnp.sum(scored),
+                "loss": jnp.sum(nll * tokens), "loss_count": jnp.sum(tokens)}
+
+
+def make_task(kind: str, model: ModelSpec, l2_reg: float = 0.0,
+              acc_ignores_padding: bool = False) -> ClassificationTask | TextTask:
+    """The task for a dataset's `FederatedData.task` ("classification" or "text")."""
+    if kind == "text":
+        return TextTask(model, l2_reg, acc_ignores_padding)
+    if kind == "classification":
+        return ClassificationTask(model, l2_reg)
+    raise ValueError(f"unknown task {kind!r}; expected 'classification' or 'text'")

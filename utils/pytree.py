@@ -87,6 +87,12 @@ def tree_bytes(tree: PyTree) -> int:
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
+def cast_floats(tree: PyTree, dtype: Any) -> PyTree:
+    """Floating leaves to `dtype`; integer leaves (counters) travel unchanged."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def all_finite(tree: PyTree) -> jnp.ndarray:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
               if jnp.issubdtype(x.dtype, jnp.floating)]

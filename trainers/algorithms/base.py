@@ -48,6 +48,9 @@ class Algorithm:
     - `stats["uploaded"]` (1.0 / 0.0 per client): whether the upload was really sent
       (Finetune stops communicating after its switch); absent means every client sent.
     - `full_participation`: every seen client trains every round, no cohort is drawn.
+    - `samples_with_replacement`: the cohort is drawn with replacement (text FedAvg); a
+      client drawn twice trains twice from the same state and its last result stands
+      for both draws.
     - `evaluates_unseen`: False where the reference has no unseen-client evaluation.
     - `score_client(...)`: scores one client its own way instead of the engine's pooled
       accuracy (kNN-Per); see its docstring.
@@ -61,6 +64,7 @@ class Algorithm:
     name = "base"
     extra_initial_draw = False  # FeDEQ draws one unused cohort before round 0 (spec 3.8)
     full_participation = False  # Local trains every client every round (spec 3.3)
+    samples_with_replacement = False  # FedAvg-seq draws its cohort with replacement (3.1)
     evaluates_unseen = True     # Finetune and Local never evaluate unseen clients
 
     def __init__(self, task: Any, hp: HParams):

@@ -21,8 +21,10 @@ from trainers.algorithms.fedavg import FedAvg
 from utils.pytree import broadcast, tree_sq_norm, tree_sub
 
 
-def proximal(params: dict, args) -> jnp.ndarray:
-    """lambda/2 ||params - anchor||^2."""
+def proximal(params: dict, args, x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """lambda/2 ||params - anchor||^2, not scaled by the batch: the spec reports the
+    division by the token count for text FeDEQ only."""
+    del x, mask
     lam, anchor = args
     return 0.5 * lam * tree_sq_norm(tree_sub(params, anchor))
 

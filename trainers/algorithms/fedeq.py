@@ -4,19 +4,27 @@ A sampled client: downloads theta unless it trained in the previous round (then 
 its own theta_i, as the reference does); P epochs on its head with theta_i frozen; E
 epochs on theta_i minimising  loss + <lambda_i, theta_i - theta> + rho/2 ||theta_i - theta||^2
 with the head frozen; then lambda_i += rho (theta_i - theta). It uploads theta_i (and its
-BatchNorm state). The server averages the uploads, weighted by samples.
+BatchNorm state). The server averages the uploads, weighted by samples in vision and
+uniformly in text, as the reference does.
+
+The text reference also differs in two more ways, both constructor options here (set by
+trainers/registry.py for the `_seq`/`_text` trainers): its duals start at lam_admm
+instead of 0 (`FedEQConfig.lam_init`), and it divides the whole objective, ADMM terms
+included, by the batch's token count, which makes the effective rho and lambda about
+1000x smaller (`FedEQConfig.admm_scale = "tokens"`, spec 3.8 d).
 
 The reference aggregates at the *start* of the next round; aggregating at the end of the
 round gives identical client updates, and `prev_theta` keeps the value the reference
 hands to unseen clients (the last round's uploads are never aggregated there).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
 
 from trainers.algorithms.base import Algorithm, HParams, as_float, phase_stats
+from trainers.task import token_mask
 from utils.pytree import (
     merge,
     split_head,
@@ -29,11 +37,24 @@ from utils.pytree import (
 )
 
 
-def augmented_lagrangian(theta: dict, args) -> jnp.ndarray:
+def augmented_lagrangian(theta: dict, args, x: jnp.ndarray, mask: jnp.ndarray
+                         ) -> jnp.ndarray:
     """<lambda_i, theta_i - theta> + rho/2 ||theta_i - theta||^2 over every shared leaf."""
+    del x, mask
     lam, anchor, rho = args
     diff = tree_sub(theta, anchor)
     return tree_vdot(lam, diff) + 0.5 * rho * tree_sq_norm(diff)
+
+
+def augmented_lagrangian_per_token(theta: dict, args, x: jnp.ndarray, mask: jnp.ndarray
+                                   ) -> jnp.ndarray:
+    """The ADMM terms divided by the batch's non-padding input tokens: the text reference
+    computes [NLL_sum + ADMM terms] / tokens, and NLL_sum / tokens is the task's loss."""
+    tokens = jnp.sum(token_mask(x, mask).astype(jnp.float32))
+    return augmented_lagrangian(theta, args, x, mask) / jnp.maximum(tokens, 1.0)
+
+
+ADMM_SCALES = {"none": augmented_lagrangian, "tokens": augmented_lagrangian_per_token}
 
 
 @dataclass(frozen=True)
@@ -43,13 +64,22 @@ class FedEQConfig:
     admm_scale: str = "none"     # "tokens": divide the ADMM terms by the batch token count
     dual_in_average: bool = False  # textbook ADMM: server averages theta_i + lambda_i / rho
 
+    def __post_init__(self) -> None:
+        if self.admm_scale not in ADMM_SCALES:
+            raise ValueError(f"admm_scale {self.admm_scale!r} unknown; allowed: "
+                             f"{', '.join(ADMM_SCALES)}")
+
 
 class FedEQ(Algorithm):
     name = "fedeq"
     extra_initial_draw = True
 
-    def __init__(self, task, hp: HParams, cfg: FedEQConfig = FedEQConfig()):
-        super().__init__(task, hp)
+    def __init__(self, task, hp: HParams, cfg: FedEQConfig = FedEQConfig(),
+                 weighted: bool = True):
+        """`weighted`: average the representations with weights proportional to n_i
+        (still uniform under --unweighted_updates); the text reference averages
+        uniformly."""
+        super().__init__(task, replace(hp, weighted=hp.weighted and weighted))
         self.cfg = cfg
 
     @property
@@ -87,7 +117,7 @@ class FedEQ(Algorithm):
         lam = client["lam"]
         theta, state, s = self.local_sgd(theta, phi, state, data,
                                          schedule.stream(0, hp.local_epochs), rng,
-                                         augmented_lagrangian, (lam, anchor, cfg.rho))
+                                         ADMM_SCALES[cfg.admm_scale], (lam, anchor, cfg.rho))
         sums.append(s)
         lam = tree_add(lam, tree_sub(theta, anchor), cfg.rho)
 

@@ -5,6 +5,10 @@ p = knn_lam * p_kNN + (1 - knn_lam) * softmax(global logits), where each of the 
 datastore embeddings (Euclidean) votes for its label with weight exp(-distance), rows
 normalised. Only test accuracy is reported, as the unweighted mean over clients; unseen
 clients are scored the same way with their own training data as the datastore.
+
+Text: every token position is a datastore entry and a query (its embedding and its
+target), padding positions included as in the reference; `skip_padding` leaves out the
+positions whose input token is padding, from the datastore and from the accuracy.
 """
 
 import jax
@@ -13,6 +17,7 @@ from jax import lax
 
 from trainers.algorithms.base import HParams, map_chunks
 from trainers.algorithms.fedavg import FedAvg
+from trainers.task import token_mask
 
 
 def knn_probabilities(queries: jnp.ndarray, keys: jnp.ndarray, key_labels: jnp.ndarray,
@@ -42,10 +47,18 @@ def _label_mask(mask: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
 class KNNPer(FedAvg):
     name = "knnper"
 
-    def __init__(self, task, hp: HParams, lam: float = 0.5, neighbors: int = 10):
+    def __init__(self, task, hp: HParams, lam: float = 0.5, neighbors: int = 10,
+                 skip_padding: bool = False):
         super().__init__(task, hp)
         self.lam = lam
         self.neighbors = neighbors
+        self.skip_padding = skip_padding
+
+    def _positions(self, x: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+        """Which labels of a padded chunk are datastore entries or queries."""
+        if self.skip_padding:
+            return token_mask(x, mask)
+        return _label_mask(mask, y)
 
     def score_client(self, params, state, train, test, rng, chunk):
         """{"test": this client's accuracy with count 1}: the engine's sum over clients
@@ -58,7 +71,7 @@ class KNNPer(FedAvg):
         keys = map_chunks(lambda x, m: forward(x).embedding, (xtr,), mtr, chunk)
         keys = keys.reshape(-1, keys.shape[-1])
         key_labels = ytr.reshape(-1)
-        key_mask = _label_mask(mtr, ytr).reshape(-1)
+        key_mask = self._positions(xtr, ytr, mtr).reshape(-1)
 
         def one_chunk(x, y, m):
             out = forward(x)
@@ -66,7 +79,7 @@ class KNNPer(FedAvg):
             p_knn = knn_probabilities(out.embedding.reshape(-1, keys.shape[-1]), keys,
                                       key_labels, key_mask, self.neighbors, logits.shape[-1])
             p = self.lam * p_knn + (1.0 - self.lam) * jax.nn.softmax(logits)
-            real = _label_mask(m, y).reshape(-1).astype(jnp.float32)
+            real = self._positions(x, y, m).reshape(-1).astype(jnp.float32)
             hits = (jnp.argmax(p, -1) == y.reshape(-1)).astype(jnp.float32)
             return jnp.sum(hits * real), jnp.sum(real)
 
