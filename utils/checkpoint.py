@@ -10,8 +10,6 @@ against the run being resumed, and refuses with a message rather than restarting
 """
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from utils.rundir import atomic_file
 
 FORMAT = "fedeq-checkpoint"
 VERSION = 1
@@ -55,22 +55,9 @@ def save(directory: Path, state: RunState, settings: dict[str, Any]) -> Path:
     arrays = {**_leaves("server", state.server), **_leaves("clients", state.clients),
               "sampler_keys": np.asarray(keys), "jax_key": np.asarray(state.key),
               "header": np.frombuffer(json.dumps(header).encode(), np.uint8)}
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / FILENAME
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{FILENAME}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; keep the user's usual permissions
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 
