@@ -16,6 +16,7 @@ from deq.config import BWD_SOLVERS, FWD_SOLVERS
 from models.registry import MODELS
 from trainers.executors import EXECUTORS
 from trainers.registry import TRAINERS
+from trainers.run import RepeatFailed
 from utils.checkpoint import CheckpointError
 
 FLAGS = flags.FLAGS
@@ -67,6 +68,10 @@ flags.DEFINE_integer("labels_per_client", 5, "labels per client for shard partit
 flags.DEFINE_string("outdir", None, "run directory (default logs/<trainer>--<time>--...)",
                     short_name="o")
 flags.DEFINE_integer("repeat", 1, "independent runs, seeds seed + 1000 k", short_name="r")
+flags.DEFINE_enum("repeat_mode", "in_process", ["in_process", "subprocess"], "run the "
+                  "repeats one after another in this process, or each in a fresh Python "
+                  "process (nothing shared between repeats: compiled programs, memory, JAX "
+                  "state)")
 flags.DEFINE_bool("quiet", False, "no progress bar or per-round lines", short_name="q")
 flags.DEFINE_alias("client_rate", "clients_per_round")
 flags.DEFINE_alias("local_epochs", "inner_epochs")
@@ -137,6 +142,6 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     try:
         app.run(main)
-    except (ValueError, CheckpointError) as err:  # say what is wrong and what to do
+    except (ValueError, CheckpointError, RepeatFailed) as err:  # what is wrong, what to do
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -18,6 +18,7 @@ from deq.solvers import forward_solve
 from deq.stats import SolverStats
 
 BlockFn = Callable[[Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+PROBE_SIZE = 3  # backward statistics carried out through the probe's gradient
 
 
 def _per_example(f: BlockFn) -> BlockFn:
@@ -38,7 +39,8 @@ def _forward(f: BlockFn, params, u, z0, cfg: SolverConfig):
 
 
 def _backward_one(f: BlockFn, params, cfg: SolverConfig):
-    """Solves (I - J^T) w = g for one example; returns (w, iterations, relative residual)."""
+    """Solves (I - J^T) w = g for one example; returns (w, iterations, relative residual,
+    whether the solver's own stopping test was met)."""
     f1 = _per_example(f)
 
     def solve(z, u, g):
@@ -46,10 +48,11 @@ def _backward_one(f: BlockFn, params, cfg: SolverConfig):
         vjp = lambda v: vjp_z(v)[0]
         _, transpose_of_vjp = jax.vjp(vjp, jnp.zeros_like(z))
         jvp = lambda x: transpose_of_vjp(x)[0]
-        w, iters = BACKWARD_SOLVERS[cfg.bwd_solver](vjp, jvp, g, cfg.bwd_tol, cfg.bwd_maxiter)
+        w, iters, converged = BACKWARD_SOLVERS[cfg.bwd_solver](vjp, jvp, g, cfg.bwd_tol,
+                                                               cfg.bwd_maxiter)
         gap = w - vjp(w) - g
         residual = jnp.linalg.norm(gap.ravel()) / jnp.maximum(jnp.linalg.norm(g.ravel()), 1e-30)
-        return w, iters.astype(jnp.float32), residual
+        return w, iters.astype(jnp.float32), residual, converged
 
     return solve
 
@@ -59,13 +62,28 @@ def _backward_batched_broyden(f: BlockFn, params, cfg: SolverConfig, z, u, g):
     DEQ-Transformer's reference does (one stopping test for the batch)."""
     _, vjp_z = jax.vjp(lambda zz: f(params, zz, u), z)
     vjp = lambda v: vjp_z(v)[0]
-    w, iters, _ = broyden(lambda w: vjp(w) + g - w, jnp.zeros_like(g), cfg.bwd_maxiter,
-                          cfg.bwd_tol)
+    w, iters, norms = broyden(lambda w: vjp(w) + g - w, jnp.zeros_like(g), cfg.bwd_maxiter,
+                              cfg.bwd_tol)
     b = g.shape[0]
     gap = (w - vjp(w) - g).reshape(b, -1)
     residual = (jnp.linalg.norm(gap, axis=1)
                 / jnp.maximum(jnp.linalg.norm(g.reshape(b, -1), axis=1), 1e-30))
-    return w, iters.astype(jnp.float32), residual
+    return w, iters.astype(jnp.float32), residual, _batch_test_met(norms, g, cfg.bwd_tol)
+
+
+def _batch_test_met(norms: jnp.ndarray, x: jnp.ndarray, tol: float) -> jnp.ndarray:
+    """The batched Broyden's one stopping test (||g|| over the batch <= tol * sqrt(size)),
+    repeated for every example: its examples converge or fail together."""
+    met = jnp.linalg.norm(norms) <= tol * jnp.sqrt(jnp.asarray(x.size, jnp.float32))
+    return jnp.broadcast_to(met, norms.shape)
+
+
+def _forward_converged(cfg: SolverConfig, residual: jnp.ndarray, z: jnp.ndarray
+                       ) -> jnp.ndarray:
+    """Per example, whether the forward solve met its solver's own tolerance."""
+    if cfg.fwd_solver == "broyden" and cfg.broyden_impl == "batched":
+        return _batch_test_met(residual, z, cfg.tol)
+    return residual <= cfg.tol
 
 
 def _make_solver(f: BlockFn, cfg: SolverConfig):
@@ -95,13 +113,16 @@ def _make_solver(f: BlockFn, cfg: SolverConfig):
         # With final_step the output is f(z*), whose derivative at a fixed point is that of
         # z* itself, so the same linear solve serves both.
         if cfg.bwd_solver == "broyden":
-            w, iters, residual = _backward_batched_broyden(f, params, cfg, z, u, cotangents[0])
+            w, iters, residual, converged = _backward_batched_broyden(f, params, cfg, z, u,
+                                                                      cotangents[0])
         else:
             # Every example has its own linear solve and stopping test, as in the reference.
-            w, iters, residual = jax.vmap(_backward_one(f, params, cfg))(z, u, cotangents[0])
+            w, iters, residual, converged = jax.vmap(_backward_one(f, params, cfg))(
+                z, u, cotangents[0])
         _, vjp_params_u = jax.vjp(lambda p, uu: f(p, z, uu), params, u)
         d_params, d_u = vjp_params_u(w)
-        probe_ct = jnp.stack([jnp.sum(iters), jnp.sum(residual)])
+        probe_ct = jnp.stack([jnp.sum(iters), jnp.sum(residual),
+                              jnp.sum(~converged).astype(jnp.float32)])
         return d_params, d_u, jnp.zeros_like(z0), probe_ct
 
     solve.defvjp(solve_fwd, solve_bwd)
@@ -118,12 +139,15 @@ def fixed_point(f: BlockFn, params: Any, u: jnp.ndarray, z0: jnp.ndarray,
     Broyden (`broyden_impl="batched"`, `bwd_solver="broyden"`) is the exception: like the
     DEQ-Transformer's reference, it has one stopping test for the whole batch.
 
-    `probe` (float32, shape (2,), zeros) exists only to carry the backward solve's
-    statistics out: its gradient is [sum of backward iterations, sum of backward relative
-    residuals] over the batch. Pass None when no backward statistics are wanted.
+    `probe` (float32, shape (PROBE_SIZE,), zeros) exists only to carry the backward
+    solve's statistics out: its gradient is [sum of backward iterations, sum of backward
+    relative residuals, number of backward solves that missed their tolerance] over the
+    batch. Pass None when no backward statistics are wanted.
     """
     if probe is None:
-        probe = jnp.zeros((2,), jnp.float32)
+        probe = jnp.zeros((PROBE_SIZE,), jnp.float32)
     z, iters, residual = _make_solver(f, cfg)(params, u, z0, probe)
+    # The forward output may be f(z*) (final_step); the residual is that of z* itself.
+    unconverged = jnp.sum(~_forward_converged(cfg, residual, z)).astype(jnp.float32)
     return z, SolverStats(jnp.mean(iters.astype(jnp.float32)),
-                          jnp.mean(residual.astype(jnp.float32)))
+                          jnp.mean(residual.astype(jnp.float32)), unconverged)

@@ -20,11 +20,12 @@ def _dot(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
 
 
 def normal_cg(vjp: Linear, jvp: Linear, g: jnp.ndarray, tol: float, maxiter: int
-              ) -> tuple[jnp.ndarray, jnp.ndarray]:
+              ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """CG on the normal equations M^T M w = M^T g, with M = I - J^T.
 
     This is what the reference's `solve_normal_cg` runs (jax's CG: x0 = 0, stop when
-    ||r||^2 <= tol^2 ||b||^2 or after `maxiter` steps). Returns (w, iterations).
+    ||r||^2 <= tol^2 ||b||^2 or after `maxiter` steps). Returns (w, iterations, whether
+    the stopping test was met).
     """
     m = lambda v: v - vjp(v)
     mt = lambda v: v - jvp(v)
@@ -47,12 +48,12 @@ def normal_cg(vjp: Linear, jvp: Linear, g: jnp.ndarray, tol: float, maxiter: int
         return x, r, gamma_new, p, k + 1
 
     init = (jnp.zeros_like(b), b, _dot(b, b), b, jnp.zeros((), jnp.int32))
-    x, _, _, _, k = lax.while_loop(cond, body, init)
-    return x, k
+    x, _, gamma, _, k = lax.while_loop(cond, body, init)
+    return x, k, gamma <= stop
 
 
 def gmres(vjp: Linear, jvp: Linear, g: jnp.ndarray, tol: float, maxiter: int,
-          restart: int = 20) -> tuple[jnp.ndarray, jnp.ndarray]:
+          restart: int = 20) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Restarted GMRES on M w = g (M = I - J^T), counting its Arnoldi steps.
 
     Called as the reference calls jax's GMRES (x0 = 0, stop at ||r|| <= tol ||g||, at most
@@ -60,6 +61,7 @@ def gmres(vjp: Linear, jvp: Linear, g: jnp.ndarray, tol: float, maxiter: int,
     report how many steps it used. Like jax's "incremental" method it stops inside a cycle
     as soon as the Givens-rotated residual is small enough; the solution agrees with
     jax's to the tolerance. Needs only vjp (one reverse pass per step), not jvp.
+    Returns (w, Arnoldi steps, whether the stopping test was met).
     """
     del jvp
     shape, dtype = g.shape, g.dtype
@@ -120,8 +122,8 @@ def gmres(vjp: Linear, jvp: Linear, g: jnp.ndarray, tol: float, maxiter: int,
 
     init = (jnp.zeros_like(b), jnp.linalg.norm(b), jnp.zeros((), jnp.int32),
             jnp.zeros((), jnp.int32))
-    x, _, total, _ = lax.while_loop(more, cycle, init)
-    return x.reshape(shape), total
+    x, res, total, _ = lax.while_loop(more, cycle, init)
+    return x.reshape(shape), total, res <= atol
 
 
 BACKWARD_SOLVERS = {"normal_cg": normal_cg, "gmres": gmres}

@@ -6,7 +6,9 @@ import jax.numpy as jnp
 
 
 class SolverStats(NamedTuple):
-    """Forward-solve statistics, averaged over the examples of a batch.
+    """Forward-solve statistics of a batch: iterations and residual averaged over its
+    examples, and how many examples' solves stopped without meeting the solver's own
+    tolerance.
 
     They are returned next to the equilibrium so that a run can log whether the fixed
     point was actually reached (the reference never reports it).
@@ -14,7 +16,9 @@ class SolverStats(NamedTuple):
 
     fwd_iters: jnp.ndarray
     fwd_residual: jnp.ndarray
+    fwd_unconverged: jnp.ndarray
 
     @staticmethod
     def zeros() -> "SolverStats":
-        return SolverStats(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        zero = jnp.zeros((), jnp.float32)
+        return SolverStats(zero, zero, zero)

@@ -10,40 +10,41 @@ from trainers.engine import Engine, RunConfig
 from trainers.task import ClassificationTask
 
 
-def small_engine(algorithm: str = "fedeq", executor: str = "loop", seed: int = 0,
-                 rounds: int = 1, frac_unseen: float = 0.0, run_dir=None,
-                 upload_dtype: str = "float32") -> Engine:
+def _engine(make_algorithm, executor: str, seed: int, rounds: int, frac_unseen: float,
+            run_dir, clients_per_round: float, upload_dtype: str = "float32",
+            solver: SolverConfig | None = None) -> Engine:
+    """8 synthetic clients of 20-40 examples, a DEQ-MLP, SGD at lr 0.05 with 2 + 1 epochs."""
     data = make_synthetic(num_clients=8, seed=3, frac_unseen=frac_unseen, min_samples=20,
                           max_samples=40)
     model = build_model("deq_mlp", num_classes=data.num_classes, input_shape=data.input_shape,
-                        solver=SolverConfig())
+                        solver=solver or SolverConfig())
     task = ClassificationTask(model)
     hp = HParams(lr=0.05, local_epochs=2, personal_epochs=1)
-    algo = FedEQ(task, hp, FedEQConfig(rho=0.1)) if algorithm == "fedeq" else FedAvg(task, hp)
-    cfg = RunConfig(num_rounds=rounds, seed=seed, clients_per_round=0.5, batch_size=8,
-                    executor=executor, vmap_chunk=3, eval_chunk=16, quiet=True,
+    cfg = RunConfig(num_rounds=rounds, seed=seed, clients_per_round=clients_per_round,
+                    batch_size=8, executor=executor, vmap_chunk=3, eval_chunk=16, quiet=True,
                     upload_dtype=upload_dtype)
-    return Engine(data, task, algo, cfg, run_dir)
+    return Engine(data, task, make_algorithm(task, hp), cfg, run_dir)
+
+
+def small_engine(algorithm: str = "fedeq", executor: str = "loop", seed: int = 0,
+                 rounds: int = 1, frac_unseen: float = 0.0, run_dir=None,
+                 upload_dtype: str = "float32", solver: SolverConfig | None = None) -> Engine:
+    """FeDEQ (rho 0.1) or FedAvg on `_engine`'s data and model."""
+    def make(task, hp):
+        return FedEQ(task, hp, FedEQConfig(rho=0.1)) if algorithm == "fedeq" else FedAvg(task, hp)
+    return _engine(make, executor, seed, rounds, frac_unseen, run_dir, 0.5, upload_dtype, solver)
 
 
 def trainer_engine(trainer: str, executor: str = "loop", rounds: int = 1,
                    frac_unseen: float = 0.0, run_dir=None, options=None,
                    clients_per_round: float = 0.5) -> Engine:
-    """`small_engine`'s data and model with any registered trainer, built as main.py
-    builds it (trainers.registry.build_algorithm)."""
+    """`_engine`'s data and model with any registered trainer, built as main.py builds it
+    (trainers.registry.build_algorithm)."""
     from trainers.registry import AlgorithmOptions, build_algorithm
 
-    data = make_synthetic(num_clients=8, seed=3, frac_unseen=frac_unseen, min_samples=20,
-                          max_samples=40)
-    model = build_model("deq_mlp", num_classes=data.num_classes, input_shape=data.input_shape,
-                        solver=SolverConfig())
-    task = ClassificationTask(model)
-    hp = HParams(lr=0.05, local_epochs=2, personal_epochs=1)
-    algo = build_algorithm(trainer, task, hp,
-                           options or AlgorithmOptions(num_rounds=rounds))
-    cfg = RunConfig(num_rounds=rounds, seed=0, clients_per_round=clients_per_round,
-                    batch_size=8, executor=executor, vmap_chunk=3, eval_chunk=16, quiet=True)
-    return Engine(data, task, algo, cfg, run_dir)
+    def make(task, hp):
+        return build_algorithm(trainer, task, hp, options or AlgorithmOptions(num_rounds=rounds))
+    return _engine(make, executor, 0, rounds, frac_unseen, run_dir, clients_per_round)
 
 
 # main.py flags for a tiny Shakespeare run on `write_tiny_shakespeare`'s data; tests that

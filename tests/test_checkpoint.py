@@ -1,51 +1,25 @@
 """Checkpoint and resume: a SIGKILLed run continues to the same numbers; bad checkpoints
 are refused with a message, never silently restarted."""
 
-import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.resume_check import ROOT, command, environment, kill_after_rounds, logged_rounds
 from utils import checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
 RUN = ["-c", "10", "-t", "14", "-le", "2", "-pe", "1", "-cr", "0.5", "-q"]
-TIMING = {"seconds", "train_seconds", "eval_seconds", "peak_rss_mb"}
 
 
 def _command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "main.py"), *RUN, "-o", str(out), *extra]
+    return [*command(RUN, out), *extra]
 
 
 def _env() -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu"}
-
-
-def _rounds(out: Path) -> list[dict]:
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in x.items() if k not in TIMING} for x in lines]
-
-
-def _kill_after_rounds(out: Path, rounds: int) -> int:
-    """Starts the run and SIGKILLs it once `rounds` rounds are logged."""
-    proc = subprocess.Popen(_command(out), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= rounds:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    return environment()
 
 
 def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
@@ -54,13 +28,13 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
     assert done.returncode == 0, done.stderr
 
     resumed = tmp_path / "resumed"
-    logged = _kill_after_rounds(resumed, 3)
+    logged = kill_after_rounds(_command(resumed), resumed, 3)
     assert 3 <= logged < 15, f"the run was not killed mid-way ({logged} rounds logged)"
     again = subprocess.run(_command(resumed), cwd=ROOT, env=_env(), capture_output=True,
                            text=True)
     assert again.returncode == 0, again.stderr
     assert "resuming from" in again.stdout
-    assert _rounds(resumed) == _rounds(whole)
+    assert logged_rounds(resumed) == logged_rounds(whole)
     assert (resumed / "output.txt").read_text() == (whole / "output.txt").read_text()
     assert not list(resumed.glob(".checkpoint*")), "a temporary checkpoint was left behind"
 

@@ -7,7 +7,7 @@ import pytest
 
 from deq.config import SolverConfig
 from deq.conv import conv3x3, plain_conv3x3
-from deq.fixed_point import fixed_point
+from deq.fixed_point import PROBE_SIZE, fixed_point
 from deq.solvers import forward_solve
 
 TIGHT = SolverConfig(fwd_maxiter=200, fwd_tol=1e-7, bwd_maxiter=300, bwd_tol=1e-7)
@@ -98,11 +98,31 @@ def test_solver_stats_come_out_of_forward_and_backward():
         z, stats = fixed_point(_block, p, u, jnp.zeros_like(u), probe, cfg)
         return jnp.sum(c * z ** 2), stats
 
-    (_, g_probe), stats = jax.grad(loss, argnums=(0, 1), has_aux=True)(p, jnp.zeros(2))
+    (_, g_probe), stats = jax.grad(loss, argnums=(0, 1), has_aux=True)(
+        p, jnp.zeros(PROBE_SIZE))
     assert 1 <= stats.fwd_iters < 50 and stats.fwd_residual <= 1e-6
     batch = u.shape[0]
     assert 1 <= g_probe[0] / batch <= cfg.bwd_maxiter      # mean backward iterations
     assert 0 <= g_probe[1] / batch <= cfg.bwd_tol * 10     # mean relative residual
+    assert stats.fwd_unconverged == 0 and g_probe[2] == 0  # every solve met its tolerance
+
+
+@pytest.mark.parametrize("cfg", [
+    SolverConfig(fwd_maxiter=2, fwd_tol=1e-9, bwd_maxiter=1, bwd_tol=1e-9),
+    SolverConfig(fwd_solver="broyden", broyden_impl="batched", bwd_solver="broyden",
+                 fwd_maxiter=2, fwd_tol=1e-9, bwd_maxiter=1, bwd_tol=1e-9),
+], ids=["anderson_cg", "batched_broyden"])
+def test_solves_that_stop_at_their_cap_are_counted(cfg):
+    p, u, c = _problem()
+
+    def loss(p, probe):
+        z, stats = fixed_point(_block, p, u, jnp.zeros_like(u), probe, cfg)
+        return jnp.sum(c * z ** 2), stats
+
+    (_, g_probe), stats = jax.grad(loss, argnums=(0, 1), has_aux=True)(
+        p, jnp.zeros(PROBE_SIZE))
+    batch = u.shape[0]
+    assert stats.fwd_unconverged == batch and g_probe[2] == batch
 
 
 def test_fast_conv_gradient_is_exact():

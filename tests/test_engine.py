@@ -1,8 +1,11 @@
 """The engine: executors agree, runs are deterministic, batching follows the reference."""
 
+import json
+
 import numpy as np
 import pytest
 
+from deq.config import SolverConfig
 from tests.helpers import small_engine
 from trainers.engine import Batcher
 from utils.rundir import RunDir
@@ -70,3 +73,23 @@ def test_batcher_follows_reference_shuffles():
         np.testing.assert_array_equal(idx[0, e].ravel(), perm[:20])  # last 5 dropped
     idx, mask = b.schedule(1, ((0, 3),), jax.random.PRNGKey(1))
     assert mask[0, :, 0, :7].all() and not mask[0, :, 1].any() and not mask[0, :, :, 7:].any()
+
+
+def test_unconverged_fixed_point_solves_are_counted_per_round(tmp_path):
+    """A solver capped at 2 steps with an unreachable tolerance misses it on every example,
+    forward and backward; the default one on this small model meets it (counts 0)."""
+    capped = SolverConfig(fwd_maxiter=2, fwd_tol=1e-12, bwd_maxiter=1, bwd_tol=1e-12)
+    for solver, all_missed in ((capped, True), (SolverConfig(), False)):
+        out = tmp_path / str(all_missed)
+        summary = small_engine(rounds=1, solver=solver, run_dir=RunDir(out)).run()
+        rounds = [json.loads(x) for x in
+                  (out / "metrics.jsonl").read_text().splitlines()]
+        for r in rounds:
+            assert r["fwd_solves"] > 0 and r["bwd_solves"] > 0
+            if all_missed:
+                assert r["fwd_unconverged"] == r["fwd_solves"]
+                assert r["bwd_unconverged"] == r["bwd_solves"]
+            else:
+                assert r["fwd_unconverged"] < r["fwd_solves"]
+        assert summary["fwd_unconverged"] == sum(r["fwd_unconverged"] for r in rounds)
+        assert summary["bwd_solves"] == sum(r["bwd_solves"] for r in rounds)

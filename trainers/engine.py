@@ -258,8 +258,14 @@ class Engine:
                 history.append(record)
                 if self.run_dir:
                     self.run_dir.log_round(record)
-                bar.set_postfix(test_acc=f"{record['test_acc']:.4f}",
-                                train_acc=f"{record['train_acc']:.4f}")
+                postfix = {"test_acc": f"{record['test_acc']:.4f}",
+                           "train_acc": f"{record['train_acc']:.4f}"}
+                if "fwd_solves" in record:  # solves that missed tolerance, never hidden
+                    postfix["unconverged"] = (f"fwd {record['fwd_unconverged']}/"
+                                              f"{record['fwd_solves']} bwd "
+                                              f"{record['bwd_unconverged']}/"
+                                              f"{record['bwd_solves']}")
+                bar.set_postfix(postfix)
             every = cfg.checkpoint_every
             if self.run_dir and ((every and (r + 1) % every == 0) or r == cfg.num_rounds):
                 checkpoint.save(self.run_dir.path, checkpoint.RunState(
@@ -331,6 +337,9 @@ class Engine:
             "up_bytes_per_client": last["up_bytes"] / max(self.cohort_size, 1),
             **self.model_info,
         }
+        if "fwd_solves" in last:  # training solves over the logged rounds
+            for key in ("fwd_solves", "fwd_unconverged", "bwd_solves", "bwd_unconverged"):
+                summary[key] = int(sum(h[key] for h in history))
         if unseen:
             summary["unseen_train_acc"] = unseen["train_acc"]
             summary["unseen_test_acc"] = unseen["test_acc"]
@@ -364,5 +373,9 @@ def _phase_means(phase: jnp.ndarray, is_deq: bool) -> dict[str, float]:
         out.update(solver_iters=stat["fwd_iters"] / steps,
                    solver_residual=stat["fwd_residual"] / steps,
                    bwd_iters=stat["bwd_iters"] / bwd_steps,
-                   bwd_residual=stat["bwd_residual"] / bwd_steps)
+                   bwd_residual=stat["bwd_residual"] / bwd_steps,
+                   fwd_solves=int(stat["fwd_solves"]),
+                   fwd_unconverged=int(stat["fwd_unconverged"]),
+                   bwd_solves=int(stat["bwd_solves"]),
+                   bwd_unconverged=int(stat["bwd_unconverged"]))
     return out

@@ -22,10 +22,12 @@ import numpy as np
 import optax
 from jax import lax
 
+from deq.fixed_point import PROBE_SIZE
 from utils.pytree import merge
 
 PHASE_STATS = ("steps", "loss", "fwd_iters", "fwd_residual", "bwd_steps", "bwd_iters",
-               "bwd_residual")
+               "bwd_residual", "fwd_solves", "fwd_unconverged", "bwd_solves",
+               "bwd_unconverged")
 
 # penalty(trainable, penalty_args, x, mask): the batch is there for penalties that are
 # scaled by it (text FeDEQ divides its ADMM terms by the batch's token count).
@@ -66,13 +68,14 @@ def _make_step(task: Any, lr: float, penalty: Penalty | None) -> Callable:
     def step(tr, opt_state, st, frozen, penalty_args, x, y, m, key):
         batch = m.shape[-1]
         (g, g_probe), (st, loss, stats) = grad_fn(
-            tr, jnp.zeros((2,), jnp.float32), st, frozen, penalty_args, x, y, m, key)
+            tr, jnp.zeros((PROBE_SIZE,), jnp.float32), st, frozen, penalty_args, x, y, m, key)
         updates, opt_state = optimizer.update(g, opt_state, tr)
         tr = optax.apply_updates(tr, updates)
         # Backward statistics exist only where gradients went through a solve.
         solved = (g_probe[0] != 0).astype(jnp.float32)
         row = jnp.stack([1.0, loss, stats.fwd_iters, stats.fwd_residual, solved,
-                         g_probe[0] / batch, g_probe[1] / batch])
+                         g_probe[0] / batch, g_probe[1] / batch, float(batch),
+                         stats.fwd_unconverged, solved * batch, g_probe[2]])
         return tr, opt_state, st, row
 
     return step
@@ -94,7 +97,7 @@ def sgd_phase(task: Any, lr: float, trainable: dict, frozen: dict, state: dict,
     depends on travels in `penalty_args`. Returns the new trainable params, the new model
     state, and a vector of sums in `PHASE_STATS` order (real steps, loss, forward solver
     iterations and residual, steps with a backward solve, backward iterations and
-    residual).
+    residual, example solves, forward and backward solves that missed their tolerance).
     """
     optimizer = optax.sgd(lr)
     opt_state = optimizer.init(trainable)

@@ -1,6 +1,8 @@
 """From validated settings to finished run directories (one per repeat)."""
 
 
+import json
+import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,7 +26,8 @@ _DEFAULT_ROUNDS = {"synthetic": 30}
 _TEXT_DATASETS = frozenset({"shakespeare"})
 # Flags that may differ when a run is resumed: none of them changes a trained number
 # (a larger --num_rounds extends a finished run).
-_RESUMABLE_CHANGES = frozenset({"outdir", "quiet", "num_rounds", "checkpoint_every"})
+_RESUMABLE_CHANGES = frozenset({"outdir", "quiet", "num_rounds", "checkpoint_every", "repeat",
+                                "repeat_mode"})
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class RunRequest:
     l2_reg: float
     flags: dict
     data_kwargs: dict = field(default_factory=dict)  # labels per client, data source
+    repeat_mode: str = "in_process"
+    argv: tuple[str, ...] = ()  # the command line, rerun per repeat in "subprocess" mode
 
     @staticmethod
     def from_flags(f: Any, default_model, default_outdir) -> "RunRequest":
@@ -119,6 +124,7 @@ class RunRequest:
                    "num_rounds": rounds},
             data_kwargs={"labels_per_client": f.labels_per_client,
                          "source": "tfds" if f.data_source == "tfds" else "pickle"},
+            repeat_mode=f.repeat_mode, argv=tuple(sys.argv),
         )
 
 
@@ -145,14 +151,36 @@ def build_engine(req: RunRequest, seed: int, run_dir: RunDir | None) -> Engine:
                   settings={**settings, "seed": seed})
 
 
+class RepeatFailed(RuntimeError):
+    """A repeat run in its own process exited with an error."""
+
+
+def _run_in_subprocess(req: RunRequest, k: int, seed: int, out: Path) -> dict:
+    """Reruns this command for one repeat in a fresh interpreter (fork + exec, never a bare
+    fork of a process whose JAX runtime has started); the later flags override the
+    earlier ones. Its checkpoints make a rerun of the parent continue where it stopped."""
+    command = [sys.executable, *req.argv, "--repeat=1", f"--seed={seed}", f"--outdir={out}",
+               "--repeat_mode=in_process"]
+    code = subprocess.run(command, check=False).returncode
+    if code != 0:
+        raise RepeatFailed(f"repeat {k} (seed {seed}) exited with code {code}; its run "
+                           f"directory {out} keeps its last checkpoint: rerun the same "
+                           f"command to continue")
+    return json.loads((out / "summary.json").read_text())
+
+
 def run_repeats(req: RunRequest) -> list[dict]:
-    """Runs the repeats one after another (seed + 1000 k, as the reference) in this
-    process; with one repeat the run directory is `outdir` itself."""
+    """Runs the repeats one after another (seed + 1000 k, as the reference), in this
+    process or each in its own (`repeat_mode`); with one repeat the run directory is
+    `outdir` itself."""
     root = RunDir(req.outdir)
     root.write_flags(req.flags)
     summaries = []
     for k in range(req.repeat):
         seed = req.run.seed + 1000 * k
+        if req.repeat > 1 and req.repeat_mode == "subprocess":
+            summaries.append(_run_in_subprocess(req, k, seed, Path(req.outdir) / f"run{k}"))
+            continue
         run_dir = root if req.repeat == 1 else RunDir(Path(req.outdir) / f"run{k}")
         if req.repeat > 1:
             run_dir.write_flags({**req.flags, "seed": seed})
@@ -164,10 +192,23 @@ def run_repeats(req: RunRequest) -> list[dict]:
     overall = {"repeats": summaries, "final_test_acc_mean": float(test.mean()),
                "final_test_acc_std": float(test.std()),
                "settings": {k: v for k, v in asdict(req.run).items()}}
+    if all("unseen_test_acc" in s for s in summaries):
+        unseen = np.array([s["unseen_test_acc"] for s in summaries])
+        overall.update(unseen_test_acc_mean=float(unseen.mean()),
+                       unseen_test_acc_std=float(unseen.std()))
     if req.repeat > 1:
         root.write_summary(overall)
     _print_summary(req, summaries, test)
     return summaries
+
+
+def _solver_lines(s: dict) -> list[str]:
+    if "fwd_solves" not in s:
+        return []
+    share = lambda k, n: f"{s[k]:,} of {s[n]:,} ({100 * s[k] / max(s[n], 1):.1f}%)"
+    return [f"training fixed-point solves that missed tolerance: forward "
+            f"{share('fwd_unconverged', 'fwd_solves')}, backward "
+            f"{share('bwd_unconverged', 'bwd_solves')}"]
 
 
 def _print_summary(req: RunRequest, summaries: list[dict], test: np.ndarray) -> None:
@@ -186,6 +227,7 @@ def _print_summary(req: RunRequest, summaries: list[dict], test: np.ndarray) -> 
         f"seconds per round {s['mean_train_seconds']:.2f} training + "
         f"{s['mean_eval_seconds']:.2f} evaluation",
         f"upload per client {s['up_bytes_per_client'] / 1e6:.3f} MB per round",
+        *_solver_lines(s),
         f"final test metric: {100 * test.mean():.2f} ± {100 * test.std():.2f}",
         f"run directory     {req.outdir}",
     ]
