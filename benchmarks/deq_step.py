@@ -5,6 +5,8 @@ count is corrected by hand: (step as compiled) + (forward iterations - 1) x (one
 application) + (backward iterations - 1) x (one normal-equation CG product), each piece
 from the compiled cost analysis, the iteration counts from the solver statistics. It is
 compared with a dense matmul measured in the same run: the distance to this machine's limit.
+Backward iterations are the per-example mean, i.e. useful work: under `vmap` the batch's
+CG loop runs until its slowest example stops, so the executed work is somewhat larger.
 
     python -m benchmarks.deq_step [--batch 10 --eval_batch 32 --repeats 3]
 """
@@ -19,6 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from deq.config import SolverConfig  # noqa: E402
+from deq.fixed_point import PROBE_SIZE  # noqa: E402
 from models.deq_resnet import make_resnet_block  # noqa: E402
 from models.registry import build_model  # noqa: E402
 
@@ -101,12 +104,16 @@ def main() -> None:
             return ce, out.solver_stats
 
         step = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-        probe = jnp.zeros((2,), jnp.float32)
+        probe = jnp.zeros((PROBE_SIZE,), jnp.float32)
         t_step = best_time(step, params, probe, repeats=args.repeats)
         (_, g_probe), stats = step(params, probe)
-        fwd = jax.jit(lambda p, xx, model=model, state=state:
-                      model.transformed.apply(p, state, None, xx, False, None)[0].logits)
+        def forward(p, xx, model=model, state=state):
+            out = model.transformed.apply(p, state, None, xx, False, None)[0]
+            return out.logits, out.solver_stats.fwd_iters
+
+        fwd = jax.jit(forward)
         t_fwd = best_time(fwd, params, xe, repeats=args.repeats)
+        eval_iters = float(fwd(params, xe)[1])
         base = base or (t_step, t_fwd)
         fwd_iters, bwd_iters = float(stats.fwd_iters), float(g_probe[0]) / args.batch
         h, w = -(-x.shape[1] // 2), -(-x.shape[2] // 2)   # the stem's stride-2 pool
@@ -115,11 +122,17 @@ def main() -> None:
         f_block, f_cg = solver_piece_flops(params, u, solver.fast_conv)
         flops = (compiled_flops(step, params, probe) + (fwd_iters - 1) * f_block
                  + (bwd_iters - 1) * f_cg)
-        print(f"{name:45s} step {t_step:6.3f} s ({base[0] / t_step:4.2f}x)  "
-              f"eval fwd {t_fwd:6.3f} s ({base[1] / t_fwd:4.2f}x)  "
+        # Convolutions and group norms cost the same per example: scale to the eval batch.
+        eval_flops = (compiled_flops(fwd, params, xe)
+                      + (eval_iters - 1) * f_block * args.eval_batch / args.batch)
+        print(f"{name}\n  step     {t_step:6.3f} s ({base[0] / t_step:4.2f}x)  "
               f"[fwd iters {fwd_iters:.1f}, bwd iters {bwd_iters:.1f}]  "
-              f"{flops / 1e9:.1f} GFLOP/step = {flops / t_step / 1e9:.1f} GFLOP/s "
-              f"({100 * flops / t_step / peak:.0f}% of the matmul)", flush=True)
+              f"{flops / 1e9:.2f} GFLOP = {flops / t_step / 1e9:.1f} GFLOP/s "
+              f"({100 * flops / t_step / peak:.0f}% of the matmul)\n"
+              f"  eval fwd {t_fwd:6.3f} s ({base[1] / t_fwd:4.2f}x)  "
+              f"[fwd iters {eval_iters:.1f}]  {eval_flops / 1e9:.2f} GFLOP = "
+              f"{eval_flops / t_fwd / 1e9:.1f} GFLOP/s "
+              f"({100 * eval_flops / t_fwd / peak:.0f}% of the matmul)", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from jax import monitoring
 
 from deq.config import SolverConfig
 from tests.helpers import small_engine
@@ -93,3 +94,54 @@ def test_unconverged_fixed_point_solves_are_counted_per_round(tmp_path):
                 assert r["fwd_unconverged"] < r["fwd_solves"]
         assert summary["fwd_unconverged"] == sum(r["fwd_unconverged"] for r in rounds)
         assert summary["bwd_solves"] == sum(r["bwd_solves"] for r in rounds)
+
+
+@pytest.mark.parametrize("algorithm", ["fedeq", "fedavg"])
+def test_no_compilation_after_the_first_round(algorithm):
+    """Fixed shapes (padded clients, schedules and cohorts) mean rounds after the first
+    reuse every compiled program: XLA backend compilations are counted at each round's
+    evaluation and must not grow after round 1."""
+    compiles = []
+
+    def listen(event, _duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    engine = small_engine(algorithm, rounds=4)
+    at_round = []
+    evaluate = engine.evaluate
+
+    def counting_evaluate(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        at_round.append(len(compiles))
+        return result
+
+    engine.evaluate = counting_evaluate
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        engine.run()
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert len(at_round) == 5 and at_round[0] > 0
+    assert at_round[1:] == [at_round[1]] * 4, f"compilations after each round: {at_round}"
+
+
+def test_eval_every_logs_every_round_and_evaluates_some(tmp_path):
+    """--eval_every N: every round's bytes, seconds and solver counts are logged (the MB
+    axis of the plots needs them all); accuracy only in rounds 0, N, 2N... and the last;
+    skipping evaluation changes no trained number."""
+    every = RunDir(tmp_path / "every")
+    sparse = RunDir(tmp_path / "sparse")
+    small_engine(rounds=4, run_dir=every).run()
+    summary = small_engine(rounds=4, run_dir=sparse, eval_every=3).run()
+    read = lambda d: [json.loads(x) for x in (d.path / "metrics.jsonl").read_text().splitlines()]
+    full, some = read(every), read(sparse)
+    assert [r["round"] for r in some] == [0, 1, 2, 3, 4]
+    assert [r["round"] for r in some if "test_acc" in r] == [0, 3, 4]
+    assert all(r["up_bytes"] > 0 and r["fwd_solves"] > 0 for r in some)
+    assert len((sparse.path / "output.txt").read_text().splitlines()) == 3
+    assert summary["rounds"] == 3
+    for a, b in zip(full, some, strict=True):
+        assert a["local_loss"] == b["local_loss"]
+        if "test_acc" in b:
+            assert a["test_acc"] == b["test_acc"]

@@ -249,23 +249,25 @@ class Engine:
                       "down_bytes": int(round(float(jnp.sum(stats["downloaded"]))))
                       * tree_bytes(down_tree)}
             record.update(_phase_means(stats["phase"], self.task.model.is_deq))
+            # Every round is logged (bytes, seconds, solver counts); accuracy and
+            # evaluation fields only in the rounds that were evaluated.
+            postfix = {}
             if r % cfg.eval_every == 0 or r == cfg.num_rounds:
                 with_train = r % cfg.eval_train_every == 0 or r == cfg.num_rounds
                 record.update(self.evaluate(server, clients, eval_rng, with_train))
                 record["eval_seconds"] = time.perf_counter() - t1
-                record["seconds"] = time.perf_counter() - t0
-                record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                history.append(record)
-                if self.run_dir:
-                    self.run_dir.log_round(record)
                 postfix = {"test_acc": f"{record['test_acc']:.4f}",
                            "train_acc": f"{record['train_acc']:.4f}"}
-                if "fwd_solves" in record:  # solves that missed tolerance, never hidden
-                    postfix["unconverged"] = (f"fwd {record['fwd_unconverged']}/"
-                                              f"{record['fwd_solves']} bwd "
-                                              f"{record['bwd_unconverged']}/"
-                                              f"{record['bwd_solves']}")
-                bar.set_postfix(postfix)
+            record["seconds"] = time.perf_counter() - t0
+            record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            history.append(record)
+            if self.run_dir:
+                self.run_dir.log_round(record)
+            if "fwd_solves" in record:  # solves that missed tolerance, never hidden
+                postfix["unconverged"] = (f"fwd {record['fwd_unconverged']}/"
+                                          f"{record['fwd_solves']} bwd "
+                                          f"{record['bwd_unconverged']}/{record['bwd_solves']}")
+            bar.set_postfix(postfix)
             every = cfg.checkpoint_every
             if self.run_dir and ((every and (r + 1) % every == 0) or r == cfg.num_rounds):
                 checkpoint.save(self.run_dir.path, checkpoint.RunState(
@@ -326,18 +328,20 @@ class Engine:
                            "shared_bytes": tree_bytes(shared), "head_bytes": tree_bytes(head)}
 
     def _summary(self, history, unseen) -> dict[str, Any]:
-        last = history[-1]
-        steady = history[1:] or history
+        last = history[-1]  # the last round is always evaluated
+        steady = history[1:] or history  # round 0 compiles
+        evaluated = [h for h in steady if "eval_seconds" in h] or [last]
         summary = {
             "algorithm": self.alg.name, "dataset": self.data.name,
-            "model": self.task.model.name, "rounds": len(history),
+            "model": self.task.model.name,
+            "rounds": sum("test_acc" in h for h in history),
             "final_train_acc": last["train_acc"], "final_test_acc": last["test_acc"],
             "mean_train_seconds": float(np.mean([h["train_seconds"] for h in steady])),
-            "mean_eval_seconds": float(np.mean([h["eval_seconds"] for h in steady])),
+            "mean_eval_seconds": float(np.mean([h["eval_seconds"] for h in evaluated])),
             "up_bytes_per_client": last["up_bytes"] / max(self.cohort_size, 1),
             **self.model_info,
         }
-        if "fwd_solves" in last:  # training solves over the logged rounds
+        if "fwd_solves" in last:  # training solves over all rounds
             for key in ("fwd_solves", "fwd_unconverged", "bwd_solves", "bwd_unconverged"):
                 summary[key] = int(sum(h[key] for h in history))
         if unseen:

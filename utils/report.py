@@ -38,15 +38,20 @@ class Run:
         return f"{self.flags.get('trainer')} ({self.flags.get('model')})"
 
     @property
+    def evaluated(self) -> list[int]:
+        """Positions in `rounds` of the rounds that were evaluated (`--eval_every`)."""
+        return [i for i, r in enumerate(self.rounds) if "test_acc" in r]
+
+    @property
     def final_test_acc(self) -> float:
-        return self.rounds[-1]["test_acc"] if self.rounds else float("nan")
+        return self.rounds[self.evaluated[-1]]["test_acc"] if self.evaluated else float("nan")
 
     def cohort(self) -> int:
         cohort = int(self.flags.get("clients_per_round", 1) * self.flags.get("num_clients", 1))
         return max(cohort, 1)
 
     def mb_per_client(self) -> np.ndarray:
-        """Cumulative MB sent + received per sampled client after each logged round."""
+        """Cumulative MB sent + received per sampled client after each round."""
         per_round = [((r.get("up_bytes") or 0) + (r.get("down_bytes") or 0)) / self.cohort()
                      for r in self.rounds]
         return np.cumsum(per_round) / 1e6
@@ -120,14 +125,21 @@ def rounds_table(run: Run) -> str:
         value = record.get(key)
         return "—" if value is None or value != value else format(value, fmt)
 
+    def missed(record: dict, kind: str) -> str:
+        if f"{kind}_solves" not in record:
+            return "—"
+        return f"{record[f'{kind}_unconverged']}/{record[f'{kind}_solves']}"
+
     lines = ["| round | test acc | train acc | train s | eval s | fwd iters | bwd iters | "
-             "bwd residual | up MB | down MB |", "|---" * 10 + "|"]
+             "bwd residual | fwd / bwd solves missing tol | up MB | down MB |",
+             "|---" * 11 + "|"]
     for r in run.rounds:
         lines.append("| " + " | ".join([
             str(r["round"]), cell(r, "test_acc", ".4f"), cell(r, "train_acc", ".4f"),
             cell(r, "train_seconds", ".0f"), cell(r, "eval_seconds", ".0f"),
             cell(r, "solver_iters", ".1f"), cell(r, "bwd_iters", ".1f"),
-            cell(r, "bwd_residual", ".1e"), format((r.get("up_bytes") or 0) / 1e6, ".1f"),
+            cell(r, "bwd_residual", ".1e"), f"{missed(r, 'fwd')} · {missed(r, 'bwd')}",
+            format((r.get("up_bytes") or 0) / 1e6, ".1f"),
             format((r.get("down_bytes") or 0) / 1e6, ".1f")]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -147,12 +159,13 @@ def plot(groups: list[list[Run]], out: Path, title: str) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
         for runs in groups:
             first = runs[0]
-            if not first.rounds:
+            if not first.evaluated:
                 continue
             # Repeats share the x axis; draw their mean test accuracy.
-            n = min(len(r.rounds) for r in runs)
-            acc = np.mean([[rec["test_acc"] for rec in r.rounds[:n]] for r in runs], axis=0)
-            ax.plot(x_of(first)[:n], 100 * acc, marker="o" if n < 30 else None,
+            n = min(len(r.evaluated) for r in runs)
+            acc = np.mean([[r.rounds[i]["test_acc"] for i in r.evaluated[:n]] for r in runs],
+                          axis=0)
+            ax.plot(x_of(first)[first.evaluated[:n]], 100 * acc, marker="o" if n < 30 else None,
                     markersize=3,
                     label=f"{first.label} · {first.flags.get('dataset')} · {first.path.name}")
         ax.set_xlabel(xlabel)

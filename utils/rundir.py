@@ -70,9 +70,12 @@ class RunDir:
             f.flush()
 
     def log_round(self, record: dict[str, Any]) -> None:
+        """Every round goes to metrics.jsonl; the reference's accuracy and loss files get
+        the evaluated rounds only, as in the reference."""
         self._append("metrics.jsonl", _metrics_line(record))
-        self._append("output.txt", _fmt([record["train_acc"], record["test_acc"]]))
-        self._append("losses.txt", _fmt([record["train_loss"], record["test_loss"]]))
+        if "test_acc" in record:
+            self._append("output.txt", _fmt([record["train_acc"], record["test_acc"]]))
+            self._append("losses.txt", _fmt([record["train_loss"], record["test_loss"]]))
 
     def rewrite_rounds(self, history: list[dict[str, Any]]) -> None:
         """On resume: the per-round files hold exactly the checkpoint's rounds (a killed
@@ -81,10 +84,11 @@ class RunDir:
             return "".join(line + "\n" for line in lines)
 
         atomic_write(self.path / "metrics.jsonl", text([_metrics_line(h) for h in history]))
+        evaluated = [h for h in history if "test_acc" in h]
         atomic_write(self.path / "output.txt",
-                     text([_fmt([h["train_acc"], h["test_acc"]]) for h in history]))
+                     text([_fmt([h["train_acc"], h["test_acc"]]) for h in evaluated]))
         atomic_write(self.path / "losses.txt",
-                     text([_fmt([h["train_loss"], h["test_loss"]]) for h in history]))
+                     text([_fmt([h["train_loss"], h["test_loss"]]) for h in evaluated]))
 
     def write_unseen(self, train_acc: float, test_acc: float, record: dict[str, Any]) -> None:
         atomic_write(self.path / "unseen.txt", _fmt([train_acc, test_acc]) + "\n")
