@@ -31,6 +31,7 @@ CONFIGS = {
     "fast conv, jaxopt Anderson": SolverConfig(anderson_impl="jaxopt"),
     "XLA conv grad, batched Anderson": SolverConfig(fast_conv=False),
     "fast conv, batched Anderson (default)": SolverConfig(),
+    "default, GMRES backward (not the reference's)": SolverConfig(bwd_solver="gmres"),
 }
 
 
@@ -56,9 +57,10 @@ def compiled_flops(fn, *args) -> float:
     return float(cost["flops"])
 
 
-def solver_piece_flops(params: dict, u: jnp.ndarray, fast_conv: bool) -> tuple[float, float]:
-    """FLOPs of one block application f(z, u) and of one CG product (I-J)(I-J^T) v on the
-    whole batch, as the solver loops run them."""
+def solver_piece_flops(params: dict, u: jnp.ndarray, fast_conv: bool
+                       ) -> tuple[float, float, float]:
+    """FLOPs of one block application f(z, u), of one CG product (I-J)(I-J^T) v and of one
+    GMRES product (I - J^T) v on the whole batch, as the solver loops run them."""
     block = make_resnet_block(fast_conv)
     p = {"conv1": params["deq_block"]["conv1_w"], "conv2": params["deq_block"]["conv2_w"],
          **{g: (params["deq_block"][f"{g}_scale"], params["deq_block"][f"{g}_offset"])
@@ -75,9 +77,17 @@ def solver_piece_flops(params: dict, u: jnp.ndarray, fast_conv: bool) -> tuple[f
             v = m - transpose_of_vjp(m)[0]
         return v
 
+    def vjps(z, v, n):
+        _, vjp_z = jax.vjp(f, z)
+        for _ in range(n):
+            v = v - vjp_z(v)[0]
+        return v
+
     per_product = (compiled_flops(lambda z, v: cg_products(z, v, 2), u, u)
                    - compiled_flops(lambda z, v: cg_products(z, v, 1), u, u))
-    return compiled_flops(f, u), per_product
+    per_vjp = (compiled_flops(lambda z, v: vjps(z, v, 2), u, u)
+               - compiled_flops(lambda z, v: vjps(z, v, 1), u, u))
+    return compiled_flops(f, u), per_product, per_vjp
 
 
 def main() -> None:
@@ -119,9 +129,10 @@ def main() -> None:
         h, w = -(-x.shape[1] // 2), -(-x.shape[2] // 2)   # the stem's stride-2 pool
         u = jax.random.normal(jax.random.PRNGKey(3), (args.batch, h, w,
                               params["deq_block"]["conv1_w"].shape[2]))
-        f_block, f_cg = solver_piece_flops(params, u, solver.fast_conv)
+        f_block, f_cg, f_vjp = solver_piece_flops(params, u, solver.fast_conv)
+        f_bwd = f_vjp if solver.bwd_solver == "gmres" else f_cg
         flops = (compiled_flops(step, params, probe) + (fwd_iters - 1) * f_block
-                 + (bwd_iters - 1) * f_cg)
+                 + (bwd_iters - 1) * f_bwd)
         # Convolutions and group norms cost the same per example: scale to the eval batch.
         eval_flops = (compiled_flops(fwd, params, xe)
                       + (eval_iters - 1) * f_block * args.eval_batch / args.batch)
