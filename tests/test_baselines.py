@@ -389,7 +389,11 @@ def _main(*args):
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("trainer", [f"{t}_resnet" for t in NEW_TRAINERS])
+# Local and FedPer run through main.py in CI via their runner scripts
+# (tests/test_runners.py); here, with unseen clients, under -m slow.
+@pytest.mark.parametrize("trainer", [
+    pytest.param(f"{t}_resnet", marks=pytest.mark.slow if t in ("local", "fedper") else ())
+    for t in NEW_TRAINERS])
 def test_main_runs_each_trainer(tmp_path, trainer):
     out = tmp_path / "run"
     proc = _main("--trainer", trainer, *SMALL, "-fu", "0.25", "-o", str(out))

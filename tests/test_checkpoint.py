@@ -28,7 +28,7 @@ def test_killed_run_resumes_to_the_uninterrupted_numbers(tmp_path):
     assert done.returncode == 0, done.stderr
 
     resumed = tmp_path / "resumed"
-    logged = kill_after_rounds(_command(resumed), resumed, 3)
+    logged = kill_after_rounds(_command(resumed), resumed, 3, timeout=1200)
     assert 3 <= logged < 15, f"the run was not killed mid-way ({logged} rounds logged)"
     again = subprocess.run(_command(resumed), cwd=ROOT, env=_env(), capture_output=True,
                            text=True)

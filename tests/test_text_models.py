@@ -10,7 +10,7 @@ import pytest
 
 from deq.broyden import broyden
 from deq.config import SolverConfig
-from deq.fixed_point import fixed_point
+from deq.fixed_point import PROBE_SIZE, fixed_point
 from models.deq_transformer import DEQ_TRANSFORMER_SOLVER, deq_transformer
 from models.registry import build_model
 from models.transformer import transformer8
@@ -120,7 +120,8 @@ def test_deq_transformer_trains_with_the_reference_solver(small_params):
         logp = jax.nn.log_softmax(out.logits)
         return -jnp.mean(jnp.take_along_axis(logp, x[..., None], -1)), out.solver_stats
 
-    (g, g_probe), stats = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, jnp.zeros(2))
+    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    (g, g_probe), stats = grad(params, jnp.zeros(PROBE_SIZE))
     assert float(stats.fwd_iters) == 20  # the reference's tolerances are never met
     assert float(g_probe[0]) == 20 * x.shape[0]  # 20 backward steps per example
     block = {k: v for k, v in g.items() if k.startswith("DEQTransformer_Block")}
