@@ -87,7 +87,8 @@ flags.DEFINE_integer("checkpoint_every", 1, "write the run's whole state every t
 flags.DEFINE_enum("upload_dtype", "float32", ["float32", "bfloat16", "float16"],
                   "precision of what clients upload: cast before sending, counted at the "
                   "sent size, cast back to float32 on the server")
-flags.DEFINE_integer("eval_chunk", 32, "examples per evaluation batch")
+flags.DEFINE_integer("eval_chunk", 16, "examples per evaluation batch (each client is "
+                     "padded to a multiple of it)")
 flags.DEFINE_enum("anderson_impl", "batched", ["batched", "jaxopt"], "Anderson for the whole "
                   "batch in one loop, or jaxopt's solver vmapped per example (same iterates)")
 flags.DEFINE_bool("fast_conv", True, "hand-written convolution gradient in the DEQ block "

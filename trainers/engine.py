@@ -41,7 +41,7 @@ class RunConfig:
     eval_train_every: int = 1
     executor: str = ""
     vmap_chunk: int = 10
-    eval_chunk: int = 32
+    eval_chunk: int = 16  # small clients: padding to 32 cost 10% more on FEMNIST
     sample_with_replacement: bool = False
     quiet: bool = False
     checkpoint_every: int = 1   # rounds between checkpoints (0: never; the last is always)
