@@ -2,6 +2,7 @@
 are refused with a message, never silently restarted."""
 
 import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 
 from benchmarks.resume_check import ROOT, command, environment, kill_after_rounds, logged_rounds
 from utils import checkpoint
+from utils.rundir import RunDir
 
 RUN = ["-c", "10", "-t", "14", "-le", "2", "-pe", "1", "-cr", "0.5", "-q"]
 
@@ -80,3 +82,21 @@ def test_other_settings_version_or_shapes_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "VERSION", 2)
     with pytest.raises(checkpoint.CheckpointError, match="version 1"):
         checkpoint.load(tmp_path, state.server, state.clients, {"lr": 0.1})
+
+
+def test_a_write_killed_mid_way_leaves_nothing_after_the_next_start(tmp_path):
+    """A process that dies inside `atomic_file` (os._exit skips all cleanup, as SIGKILL
+    does) leaves its temporary file and the old checkpoint intact; the next RunDir on that
+    folder removes the temporary and keeps the checkpoint."""
+    (tmp_path / "checkpoint.npz").write_bytes(b"old")
+    script = ("import os, sys; from pathlib import Path; from utils.rundir import atomic_file\n"
+              "with atomic_file(Path(sys.argv[1]) / 'checkpoint.npz', 'wb') as f:\n"
+              "    f.write(b'half'); f.flush(); os._exit(9)\n")
+    died = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=_env())
+    assert died.returncode == 9
+    assert len(list(tmp_path.glob(".checkpoint.npz.*.tmp"))) == 1
+    assert (tmp_path / "checkpoint.npz").read_bytes() == b"old"
+
+    RunDir(tmp_path)
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert (tmp_path / "checkpoint.npz").read_bytes() == b"old"

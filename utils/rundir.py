@@ -57,6 +57,14 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        """A run SIGKILLed while `atomic_file` was writing leaves its temporary sibling
+        behind (no cleanup code runs on SIGKILL). The completed files never depend on
+        it, so the next run in this directory removes it rather than letting it pile up."""
+        for stale in self.path.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
 
     def write_flags(self, flags: dict[str, Any]) -> None:
         atomic_write(self.path / "flags.json", json.dumps(flags, indent=2, sort_keys=True))
