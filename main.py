@@ -14,12 +14,14 @@ from absl import app, flags
 from data.registry import DATASETS
 from deq.config import BWD_SOLVERS, FWD_SOLVERS
 from models.registry import MODELS
+from trainers.engine import RunConfig
 from trainers.executors import EXECUTORS
 from trainers.registry import TRAINERS
 from trainers.run import RepeatFailed
 from utils.checkpoint import CheckpointError
 
 FLAGS = flags.FLAGS
+# Engine settings take their defaults from RunConfig, so library and command line agree.
 
 # The reference's flags (spec 4.1), with its short forms.
 flags.DEFINE_string("trainer", "fedeq_vision", f"algorithm: {', '.join(TRAINERS)}")
@@ -37,11 +39,12 @@ flags.DEFINE_integer("num_rounds", None, "rounds; num_rounds + 1 are run as in t
 flags.DEFINE_integer("seed", 0, "root seed (the runner scripts use 100)")
 flags.DEFINE_float("learning_rate", 0.01, "client SGD learning rate", short_name="lr")
 flags.DEFINE_float("l2_reg", 0.0, "L2 coefficient added to client losses")
-flags.DEFINE_integer("eval_every", 1, "evaluate every this many rounds (and the last)",
-                     short_name="ee")
-flags.DEFINE_float("clients_per_round", 0.1, "fraction of seen clients sampled per round",
-                   short_name="cr")
-flags.DEFINE_integer("batch_size", 10, "client batch size (-1: whole client)", short_name="b")
+flags.DEFINE_integer("eval_every", RunConfig.eval_every,
+                     "evaluate every this many rounds (and the last)", short_name="ee")
+flags.DEFINE_float("clients_per_round", RunConfig.clients_per_round,
+                   "fraction of seen clients sampled per round", short_name="cr")
+flags.DEFINE_integer("batch_size", RunConfig.batch_size,
+                     "client batch size (-1: whole client)", short_name="b")
 flags.DEFINE_enum("inner_mode", "epoch", ["epoch"], "local work is counted in epochs "
                   "(the reference's deprecated 'iter' mode is not offered)", short_name="im")
 flags.DEFINE_integer("inner_epochs", 5, "E: local / representation epochs", short_name="le")
@@ -79,16 +82,17 @@ flags.DEFINE_alias("local_epochs", "inner_epochs")
 # Ours.
 flags.DEFINE_enum("executor", None, EXECUTORS, "how a cohort's clients run (default: the "
                   "fastest measured on this backend)")
-flags.DEFINE_integer("eval_train_every", 1, "score the (large) train split only every this "
-                     "many rounds and the last; other rounds log it as NaN / null")
-flags.DEFINE_integer("checkpoint_every", 1, "write the run's whole state every this many "
-                     "rounds (0: only at the end); rerunning the same command with the same "
-                     "--outdir continues from it")
-flags.DEFINE_enum("upload_dtype", "float32", ["float32", "bfloat16", "float16"],
+flags.DEFINE_integer("eval_train_every", RunConfig.eval_train_every, "score the (large) "
+                     "train split only every this many rounds and the last; other rounds "
+                     "log it as NaN / null")
+flags.DEFINE_integer("checkpoint_every", RunConfig.checkpoint_every, "write the run's "
+                     "whole state every this many rounds (0: only at the end); rerunning the "
+                     "same command with the same --outdir continues from it")
+flags.DEFINE_enum("upload_dtype", RunConfig.upload_dtype, ["float32", "bfloat16", "float16"],
                   "precision of what clients upload: cast before sending, counted at the "
                   "sent size, cast back to float32 on the server")
-flags.DEFINE_integer("eval_chunk", 16, "examples per evaluation batch (each client is "
-                     "padded to a multiple of it)")
+flags.DEFINE_integer("eval_chunk", RunConfig.eval_chunk, "examples per evaluation batch "
+                     "(each client is padded to a multiple of it)")
 flags.DEFINE_enum("anderson_impl", "batched", ["batched", "jaxopt"], "Anderson for the whole "
                   "batch in one loop, or jaxopt's solver vmapped per example (same iterates)")
 flags.DEFINE_bool("fast_conv", True, "hand-written convolution gradient in the DEQ block "
