@@ -83,8 +83,8 @@ flags.DEFINE_alias("local_epochs", "inner_epochs")
 flags.DEFINE_enum("executor", None, EXECUTORS, "how a cohort's clients run (default: the "
                   "fastest measured on this backend)")
 flags.DEFINE_integer("eval_train_every", RunConfig.eval_train_every, "score the (large) "
-                     "train split only every this many rounds and the last; other rounds "
-                     "log it as NaN / null")
+                     "train split only every this many rounds and the last (0: never); other "
+                     "rounds log it as NaN / null")
 flags.DEFINE_integer("checkpoint_every", RunConfig.checkpoint_every, "write the run's "
                      "whole state every this many rounds (0: only at the end); rerunning the "
                      "same command with the same --outdir continues from it")

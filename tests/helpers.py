@@ -12,7 +12,8 @@ from trainers.task import ClassificationTask
 
 def _engine(make_algorithm, executor: str, seed: int, rounds: int, frac_unseen: float,
             run_dir, clients_per_round: float, upload_dtype: str = "float32",
-            solver: SolverConfig | None = None, eval_every: int = 1) -> Engine:
+            solver: SolverConfig | None = None, eval_every: int = 1,
+            eval_train_every: int = 1) -> Engine:
     """8 synthetic clients of 20-40 examples, a DEQ-MLP, SGD at lr 0.05 with 2 + 1 epochs."""
     data = make_synthetic(num_clients=8, seed=3, frac_unseen=frac_unseen, min_samples=20,
                           max_samples=40)
@@ -22,19 +23,20 @@ def _engine(make_algorithm, executor: str, seed: int, rounds: int, frac_unseen: 
     hp = HParams(lr=0.05, local_epochs=2, personal_epochs=1)
     cfg = RunConfig(num_rounds=rounds, seed=seed, clients_per_round=clients_per_round,
                     batch_size=8, executor=executor, vmap_chunk=3, eval_chunk=16, quiet=True,
-                    upload_dtype=upload_dtype, eval_every=eval_every)
+                    upload_dtype=upload_dtype, eval_every=eval_every,
+                    eval_train_every=eval_train_every)
     return Engine(data, task, make_algorithm(task, hp), cfg, run_dir)
 
 
 def small_engine(algorithm: str = "fedeq", executor: str = "loop", seed: int = 0,
                  rounds: int = 1, frac_unseen: float = 0.0, run_dir=None,
                  upload_dtype: str = "float32", solver: SolverConfig | None = None,
-                 eval_every: int = 1) -> Engine:
+                 eval_every: int = 1, eval_train_every: int = 1) -> Engine:
     """FeDEQ (rho 0.1) or FedAvg on `_engine`'s data and model."""
     def make(task, hp):
         return FedEQ(task, hp, FedEQConfig(rho=0.1)) if algorithm == "fedeq" else FedAvg(task, hp)
     return _engine(make, executor, seed, rounds, frac_unseen, run_dir, 0.5, upload_dtype, solver,
-                   eval_every)
+                   eval_every, eval_train_every)
 
 
 def trainer_engine(trainer: str, executor: str = "loop", rounds: int = 1,

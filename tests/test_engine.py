@@ -145,3 +145,17 @@ def test_eval_every_logs_every_round_and_evaluates_some(tmp_path):
         assert a["local_loss"] == b["local_loss"]
         if "test_acc" in b:
             assert a["test_acc"] == b["test_acc"]
+
+
+@pytest.mark.parametrize("train_every,scored", [(2, [0, 2, 3]), (0, [])])
+def test_eval_train_every_scores_the_train_split_in_some_rounds_or_none(tmp_path, train_every,
+                                                                         scored):
+    """--eval_train_every N scores the train split in rounds 0, N, 2N... and the last;
+    0 never does (its accuracy is NaN in the logs and the summary); the test split is
+    scored every evaluated round either way."""
+    run_dir = RunDir(tmp_path)
+    summary = small_engine(rounds=3, run_dir=run_dir, eval_train_every=train_every).run()
+    rounds = _history(run_dir)
+    assert all(r["test_acc"] == r["test_acc"] for r in rounds)
+    assert [r["round"] for r in rounds if r["train_acc"] is not None] == scored
+    assert (summary["final_train_acc"] == summary["final_train_acc"]) == bool(scored)

@@ -52,6 +52,7 @@ def test_same_command_same_numbers(tmp_path):
     (["-m", "deq_resnet_s"], "rank"),
     (["-cr", "0"], "(0, 1]"),
     (["-cr", "1.5"], "(0, 1]"),
+    (["--eval_train_every", "-1"], "0: never"),
     (["-fu", "1.0"], "[0, 1)"),
     (["-d", "femnist", "--data_dir", "/nonexistent"], "/nonexistent"),
 ])

@@ -253,7 +253,9 @@ class Engine:
             # evaluation fields only in the rounds that were evaluated.
             postfix = {}
             if r % cfg.eval_every == 0 or r == cfg.num_rounds:
-                with_train = r % cfg.eval_train_every == 0 or r == cfg.num_rounds
+                train_every = cfg.eval_train_every  # 0: never (accuracy logged as NaN)
+                with_train = bool(train_every) and (r % train_every == 0
+                                                    or r == cfg.num_rounds)
                 record.update(self.evaluate(server, clients, eval_rng, with_train))
                 record["eval_seconds"] = time.perf_counter() - t1
                 postfix = {"test_acc": f"{record['test_acc']:.4f}",

@@ -73,7 +73,8 @@ class RunRequest:
                "--frac_unseen leaves no seen client")
         _check(rounds >= 0, f"--num_rounds must be >= 0, got {rounds}")
         _check(f.eval_every >= 1, f"--eval_every must be >= 1, got {f.eval_every}")
-        _check(f.eval_train_every >= 1, "--eval_train_every must be >= 1")
+        _check(f.eval_train_every >= 0, "--eval_train_every must be >= 0 (0: never score the "
+               f"train split), got {f.eval_train_every}")
         _check(f.batch_size == -1 or f.batch_size >= 1, "--batch_size must be >= 1 or -1")
         _check(f.inner_epochs >= 1, "--inner_epochs must be >= 1")
         _check(f.personalized_epochs >= 0, "--personalized_epochs must be >= 0")
