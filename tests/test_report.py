@@ -25,15 +25,18 @@ def test_table_and_plots_from_run_directories(tmp_path):
         _write_run(tmp_path / "fedavg" / f"run{k}", "fedavg_resnet", "femnist",
                    [0.2, final], up=12_000_000)
     _write_run(tmp_path / "cifar", "fedeq_resnet", "cifar10", [0.4])
+    _write_run(tmp_path / "text", "fedeq_seq", "shakespeare", [0.05, 0.09])
     (tmp_path / "fedavg" / "flags.json").write_text("{}")
     out = tmp_path / "report"
-    assert report.main([str(tmp_path / d) for d in ("fedeq", "fedavg", "cifar")]
+    assert report.main([str(tmp_path / d) for d in ("fedeq", "fedavg", "cifar", "text")]
                        + ["--out", str(out)]) == 0
     text = (out / "table.md").read_text()
-    assert "| algorithm | femnist | cifar10 |" in text
+    assert "| algorithm | femnist | cifar10 | shakespeare |" in text
     assert "70.00 ± 10.00" in text and "2 run(s)" in text and "12.00 MB up" in text
-    fedeq_row = next(line for line in text.splitlines() if line.startswith("| fedeq_resnet"))
-    assert "50.00 ± 0.00" in fedeq_row and "40.00 ± 0.00" in fedeq_row
+    # One row per algorithm: the vision and text trainers of FeDEQ share it.
+    fedeq_rows = [line for line in text.splitlines() if line.startswith("| fedeq")]
+    assert len(fedeq_rows) == 1 and fedeq_rows[0].startswith("| fedeq |")
+    assert all(cell in fedeq_rows[0] for cell in ("50.00 ± 0.00", "40.00 ± 0.00", "9.00 ± 0.00"))
     for name in ("accuracy_vs_rounds.png", "accuracy_vs_megabytes.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     rounds = (out / "rounds_fedeq.md").read_text().splitlines()

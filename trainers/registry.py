@@ -12,6 +12,7 @@ from trainers.algorithms.fedrep import FedRep
 from trainers.algorithms.finetune import Finetune
 from trainers.algorithms.knnper import KNNPer
 from trainers.algorithms.local import Local
+from trainers.names import ALGORITHM_NAMES, TRAINER_ALIASES, TRAINERS
 
 
 @dataclass(frozen=True)
@@ -48,25 +49,17 @@ class AlgorithmOptions:
     knn_neighbors: int = 10
 
 
-# One implementation per algorithm; the suffixes only say which task family the reference
-# ran it on (`_resnet`: vision, `_seq`: text). `fedeq_vision` is the reference's default
-# trainer name (which it then rejects); `fedeq_text` is the design's name for fedeq_seq.
 _ALGORITHMS: dict[str, type] = {
     "fedavg": FedAvg, "fedeq": FedEQ, "finetune": Finetune, "local": Local, "ditto": Ditto,
     "fedrep": FedRep, "fedper": FedPer, "knnper": KNNPer,
 }
-_ALIASES = {"fedeq_vision": ("fedeq", "vision"), "fedeq_text": ("fedeq", "text")}
-for _algo in _ALGORITHMS:
-    _ALIASES[_algo] = (_algo, "vision")
-    _ALIASES[f"{_algo}_resnet"] = (_algo, "vision")
-    _ALIASES[f"{_algo}_seq"] = (_algo, "text")
-TRAINERS = tuple(_ALIASES)
+assert set(_ALGORITHMS) == set(ALGORITHM_NAMES)
 
 
 def resolve_trainer(name: str) -> TrainerEntry:
-    if name not in _ALIASES:
+    if name not in TRAINER_ALIASES:
         raise ValueError(f"unknown trainer {name!r}; allowed: {', '.join(TRAINERS)}")
-    algo, family = _ALIASES[name]
+    algo, family = TRAINER_ALIASES[name]
     return TrainerEntry(_ALGORITHMS[algo], family)
 
 

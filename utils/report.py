@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainers.names import algorithm_of
 from utils.rundir import atomic_write
 
 
@@ -101,7 +102,9 @@ def table(groups: list[list[Run]]) -> str:
     datasets: list[str] = []
     for runs in groups:
         first = runs[0]
-        dataset, algo = first.flags.get("dataset", "?"), first.flags.get("trainer", "?")
+        # One row per algorithm whatever the task family (fedavg_resnet, fedavg_seq: fedavg).
+        dataset = first.flags.get("dataset", "?")
+        algo = algorithm_of(first.flags.get("trainer", "?"))
         if dataset in cells.get(algo, {}):   # a second setting of the same algorithm
             algo = f"{algo} [{first.path.name}]"
         if dataset not in datasets:
