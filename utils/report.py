@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from trainers.names import algorithm_of
-from utils.rundir import atomic_write
+from utils.rundir import atomic_file, atomic_write
 
 
 @dataclass
@@ -178,10 +178,9 @@ def plot(groups: list[list[Run]], out: Path, title: str) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / name
-        tmp = path.with_name(f".{name}.tmp.png")
-        fig.savefig(tmp)
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format="png")
         plt.close(fig)
-        tmp.replace(path)
         written.append(path)
     return written
 
