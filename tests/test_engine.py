@@ -9,6 +9,7 @@ from jax import monitoring
 from deq.config import SolverConfig
 from tests.helpers import small_engine
 from trainers.engine import Batcher
+from trainers.run import summary_lines
 from utils.rundir import RunDir
 
 KEYS = ("train_acc", "test_acc", "train_loss", "test_loss", "local_loss", "up_bytes",
@@ -159,3 +160,8 @@ def test_eval_train_every_scores_the_train_split_in_some_rounds_or_none(tmp_path
     assert all(r["test_acc"] == r["test_acc"] for r in rounds)
     assert [r["round"] for r in rounds if r["train_acc"] is not None] == scored
     assert (summary["final_train_acc"] == summary["final_train_acc"]) == bool(scored)
+    lines = summary_lines(summary, 1, np.array([summary["final_test_acc"]]), "RUN")
+    train_line = next(line for line in lines if line.startswith("final train acc"))
+    expected = f"{summary['final_train_acc']:.4f}" if scored else "not scored"
+    assert train_line == f"final train acc   {expected}"
+    assert f"final test acc    {summary['final_test_acc']:.4f}" in lines

@@ -212,25 +212,35 @@ def _solver_lines(s: dict) -> list[str]:
             f"{share('bwd_unconverged', 'bwd_solves')}"]
 
 
-def _print_summary(req: RunRequest, summaries: list[dict], test: np.ndarray) -> None:
-    s = summaries[-1]
+def _accuracy(value: float) -> str:
+    """NaN means the split was never scored (`--eval_train_every 0`, or kNN-Per, which
+    reports test accuracy only); say so rather than print "nan"."""
+    return "not scored" if value != value else f"{value:.4f}"
+
+
+def summary_lines(s: dict, repeat: int, test: np.ndarray, outdir: str) -> list[str]:
+    """The end-of-run summary: the last run's numbers and the final test metric over
+    repeats, as the reference prints it (percent, mean ± std)."""
     lines = [
         "",
         f"== {s['algorithm']} on {s['dataset']} with {s['model']} "
-        f"({s['rounds']} evaluated rounds, {req.repeat} run(s)) ==",
-        f"final train acc   {s['final_train_acc']:.4f}",
-        f"final test acc    {s['final_test_acc']:.4f}",
+        f"({s['rounds']} evaluated rounds, {repeat} run(s)) ==",
+        f"final train acc   {_accuracy(s['final_train_acc'])}",
+        f"final test acc    {_accuracy(s['final_test_acc'])}",
     ]
     if "unseen_test_acc" in s:
-        lines.append(f"unseen test acc   {s['unseen_test_acc']:.4f} "
-                     f"(train {s['unseen_train_acc']:.4f})")
-    lines += [
+        lines.append(f"unseen test acc   {_accuracy(s['unseen_test_acc'])} "
+                     f"(train {_accuracy(s['unseen_train_acc'])})")
+    return lines + [
         f"seconds per round {s['mean_train_seconds']:.2f} training + "
         f"{s['mean_eval_seconds']:.2f} evaluation",
         f"upload per client {s['up_bytes_per_client'] / 1e6:.3f} MB per round",
         *_solver_lines(s),
         f"final test metric: {100 * test.mean():.2f} ± {100 * test.std():.2f}",
-        f"run directory     {req.outdir}",
+        f"run directory     {outdir}",
     ]
-    print("\n".join(lines), flush=True)
+
+
+def _print_summary(req: RunRequest, summaries: list[dict], test: np.ndarray) -> None:
+    print("\n".join(summary_lines(summaries[-1], req.repeat, test, req.outdir)), flush=True)
 
