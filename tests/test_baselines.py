@@ -364,11 +364,12 @@ def test_executors_agree(tmp_path, trainer):
     # Finetune switches after round 0 of 3, so both of its phases run traced.
     rounds = 2 if trainer == "finetune" else 1
     options = AlgorithmOptions(finetune_frac=0.5, num_rounds=rounds)
-    runs = {}
+    runs, summaries = {}, {}
     for kind in ("loop", "vmap"):
         rd = RunDir(tmp_path / kind)
-        trainer_engine(trainer, kind, rounds=rounds, frac_unseen=0.25, run_dir=rd,
-                       options=options).run()
+        engine = trainer_engine(trainer, kind, rounds=rounds, frac_unseen=0.25, run_dir=rd,
+                                options=options)
+        summaries[kind] = engine.run()
         runs[kind] = [json.loads(x) for x in open(rd.path / "metrics.jsonl")]
     assert len(runs["loop"]) == len(runs["vmap"])
     for a, b in zip(runs["loop"], runs["vmap"], strict=True):
@@ -377,6 +378,9 @@ def test_executors_agree(tmp_path, trainer):
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (trainer, k)
     if trainer == "finetune":
         assert [r["up_bytes"] > 0 for r in runs["loop"]] == [True, False, False]
+        # The summary's upload is the mean over rounds, not the last (silent) round's.
+        sent = runs["loop"][0]["up_bytes"] / engine.cohort_size
+        assert summaries["loop"]["up_bytes_per_client"] == pytest.approx(sent / 3)
 
 
 # ----------------------------------------------------------------------- main.py

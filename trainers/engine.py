@@ -340,7 +340,10 @@ class Engine:
             "final_train_acc": last["train_acc"], "final_test_acc": last["test_acc"],
             "mean_train_seconds": float(np.mean([h["train_seconds"] for h in steady])),
             "mean_eval_seconds": float(np.mean([h["eval_seconds"] for h in evaluated])),
-            "up_bytes_per_client": last["up_bytes"] / max(self.cohort_size, 1),
+            # Mean over rounds: Finetune stops sending after its switch, so the last
+            # round alone would say it sends nothing.
+            "up_bytes_per_client": float(np.mean([h["up_bytes"] for h in history]))
+            / max(self.cohort_size, 1),
             **self.model_info,
         }
         if "fwd_solves" in last:  # training solves over all rounds

@@ -234,7 +234,8 @@ def summary_lines(s: dict, repeat: int, test: np.ndarray, outdir: str) -> list[s
     return lines + [
         f"seconds per round {s['mean_train_seconds']:.2f} training + "
         f"{s['mean_eval_seconds']:.2f} evaluation",
-        f"upload per client {s['up_bytes_per_client'] / 1e6:.3f} MB per round",
+        f"upload per client {s['up_bytes_per_client'] / 1e6:.3f} MB per round "
+        f"(mean over rounds)",
         *_solver_lines(s),
         f"final test metric: {100 * test.mean():.2f} ± {100 * test.std():.2f}",
         f"run directory     {outdir}",

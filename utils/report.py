@@ -58,9 +58,11 @@ class Run:
         return np.cumsum(per_round) / 1e6
 
     def upload_mb_per_round(self) -> float:
+        """Mean over rounds, as the run's summary: Finetune sends only before its switch."""
         if not self.rounds:
             return float("nan")
-        return (self.rounds[-1].get("up_bytes") or 0) / self.cohort() / 1e6
+        sent = [r.get("up_bytes") or 0 for r in self.rounds]
+        return float(np.mean(sent)) / self.cohort() / 1e6
 
 
 def read_run(path: Path) -> Run:
