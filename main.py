@@ -91,6 +91,13 @@ flags.DEFINE_integer("checkpoint_every", RunConfig.checkpoint_every, "write the 
 flags.DEFINE_enum("upload_dtype", RunConfig.upload_dtype, ["float32", "bfloat16", "float16"],
                   "precision of what clients upload: cast before sending, counted at the "
                   "sent size, cast back to float32 on the server")
+flags.DEFINE_bool("rescore_unchanged", RunConfig.rescore_unchanged, "score every seen "
+                  "client at every evaluation, also those whose model did not change since "
+                  "they were last scored (same numbers, slower)")
+flags.DEFINE_bool("reference_losses", RunConfig.reference_losses, "compute the loss the "
+                  "reference logs in losses.txt (training-mode BatchNorm over each client's "
+                  "whole set: one more forward pass per scored client and split); "
+                  "--noreference_losses leaves losses.txt at nan")
 flags.DEFINE_integer("eval_chunk", RunConfig.eval_chunk, "examples per evaluation batch "
                      "(each client is padded to a multiple of it)")
 flags.DEFINE_enum("anderson_impl", "batched", ["batched", "jaxopt"], "Anderson for the whole "

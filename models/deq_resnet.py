@@ -16,6 +16,7 @@ from deq.config import SolverConfig
 from deq.conv import conv3x3, plain_conv3x3
 from deq.fixed_point import fixed_point
 from models.base import ModelOutput
+from models.batch_norm import BatchNorm
 
 GROUPS = 8
 BLOCK_INIT_KEY = 42
@@ -60,8 +61,8 @@ def make_resnet_block(fast_conv: bool) -> Callable:
     return resnet_block
 
 
-def _batch_norm(name: str | None = None) -> hk.BatchNorm:
-    return hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9, eps=1e-5,
+def _batch_norm(name: str | None = None) -> BatchNorm:
+    return BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9, eps=1e-5,
                         name=name)
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from deq.stats import SolverStats
 from models.base import ModelOutput
+from models.batch_norm import BatchNorm
 
 ForwardFn = Callable[..., ModelOutput]
 
@@ -28,8 +29,8 @@ _BN_KWARGS = dict(create_scale=True, create_offset=True, decay_rate=0.9, eps=1e-
 _MLP_WIDTHS = (256, 128)
 
 
-def _bn(name: str) -> hk.BatchNorm:
-    return hk.BatchNorm(name=name, **_BN_KWARGS)
+def _bn(name: str) -> BatchNorm:
+    return BatchNorm(name=name, **_BN_KWARGS)
 
 
 def _conv3x3(channels: int, stride: int, name: str) -> hk.Conv2D:

@@ -13,8 +13,9 @@ from trainers.task import ClassificationTask
 def _engine(make_algorithm, executor: str, seed: int, rounds: int, frac_unseen: float,
             run_dir, clients_per_round: float, upload_dtype: str = "float32",
             solver: SolverConfig | None = None, eval_every: int = 1,
-            eval_train_every: int = 1) -> Engine:
-    """8 synthetic clients of 20-40 examples, a DEQ-MLP, SGD at lr 0.05 with 2 + 1 epochs."""
+            eval_train_every: int = 1, **cfg_overrides) -> Engine:
+    """8 synthetic clients of 20-40 examples, a DEQ-MLP, SGD at lr 0.05 with 2 + 1 epochs;
+    `cfg_overrides`: other RunConfig fields."""
     data = make_synthetic(num_clients=8, seed=3, frac_unseen=frac_unseen, min_samples=20,
                           max_samples=40)
     model = build_model("deq_mlp", num_classes=data.num_classes, input_shape=data.input_shape,
@@ -24,31 +25,32 @@ def _engine(make_algorithm, executor: str, seed: int, rounds: int, frac_unseen: 
     cfg = RunConfig(num_rounds=rounds, seed=seed, clients_per_round=clients_per_round,
                     batch_size=8, executor=executor, vmap_chunk=3, eval_chunk=16, quiet=True,
                     upload_dtype=upload_dtype, eval_every=eval_every,
-                    eval_train_every=eval_train_every)
+                    eval_train_every=eval_train_every, **cfg_overrides)
     return Engine(data, task, make_algorithm(task, hp), cfg, run_dir)
 
 
 def small_engine(algorithm: str = "fedeq", executor: str = "loop", seed: int = 0,
                  rounds: int = 1, frac_unseen: float = 0.0, run_dir=None,
                  upload_dtype: str = "float32", solver: SolverConfig | None = None,
-                 eval_every: int = 1, eval_train_every: int = 1) -> Engine:
+                 eval_every: int = 1, eval_train_every: int = 1, **cfg_overrides) -> Engine:
     """FeDEQ (rho 0.1) or FedAvg on `_engine`'s data and model."""
     def make(task, hp):
         return FedEQ(task, hp, FedEQConfig(rho=0.1)) if algorithm == "fedeq" else FedAvg(task, hp)
     return _engine(make, executor, seed, rounds, frac_unseen, run_dir, 0.5, upload_dtype, solver,
-                   eval_every, eval_train_every)
+                   eval_every, eval_train_every, **cfg_overrides)
 
 
 def trainer_engine(trainer: str, executor: str = "loop", rounds: int = 1,
                    frac_unseen: float = 0.0, run_dir=None, options=None,
-                   clients_per_round: float = 0.5) -> Engine:
+                   clients_per_round: float = 0.5, **cfg_overrides) -> Engine:
     """`_engine`'s data and model with any registered trainer, built as main.py builds it
     (trainers.registry.build_algorithm)."""
     from trainers.registry import AlgorithmOptions, build_algorithm
 
     def make(task, hp):
         return build_algorithm(trainer, task, hp, options or AlgorithmOptions(num_rounds=rounds))
-    return _engine(make, executor, 0, rounds, frac_unseen, run_dir, clients_per_round)
+    return _engine(make, executor, 0, rounds, frac_unseen, run_dir, clients_per_round,
+                   **cfg_overrides)
 
 
 # main.py flags for a tiny Shakespeare run on `write_tiny_shakespeare`'s data; tests that

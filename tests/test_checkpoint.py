@@ -77,10 +77,13 @@ def test_other_settings_version_or_shapes_are_refused(tmp_path, monkeypatch):
     checkpoint.save(tmp_path, state, {"lr": 0.1})
     with pytest.raises(checkpoint.CheckpointError, match="lr: checkpoint 0.1, now 0.2"):
         checkpoint.load(tmp_path, state.server, state.clients, {"lr": 0.2})
-    with pytest.raises(checkpoint.CheckpointError, match=r"float32\[5, 2\]"):
+    with pytest.raises(checkpoint.CheckpointError, match="holds 4 clients, the run has 5"):
         checkpoint.load(tmp_path, state.server, {"phi": jnp.ones((5, 2))}, {"lr": 0.1})
-    monkeypatch.setattr(checkpoint, "VERSION", 2)
-    with pytest.raises(checkpoint.CheckpointError, match="version 1"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"float32\[3\]"):
+        checkpoint.load(tmp_path, state.server, {"phi": jnp.ones((4, 3))}, {"lr": 0.1})
+    version = checkpoint.VERSION
+    monkeypatch.setattr(checkpoint, "VERSION", version + 1)
+    with pytest.raises(checkpoint.CheckpointError, match=f"version {version}"):
         checkpoint.load(tmp_path, state.server, state.clients, {"lr": 0.1})
 
 
@@ -100,3 +103,30 @@ def test_a_write_killed_mid_way_leaves_nothing_after_the_next_start(tmp_path):
     RunDir(tmp_path)
     assert not list(tmp_path.glob(".*.tmp"))
     assert (tmp_path / "checkpoint.npz").read_bytes() == b"old"
+
+
+def test_only_changed_clients_are_rewritten_and_replaced_files_go(tmp_path):
+    """A round changes its cohort only: the other clients keep their files; a kill before
+    the header is replaced leaves the old checkpoint whole."""
+    state = _tiny_state()
+    checkpoint.save(tmp_path, state, {}, changed=np.array([1]))  # first save: every client
+    first = sorted(p.name for p in (tmp_path / checkpoint.CLIENT_DIR).iterdir())
+    assert len(first) == 4
+    clients = {"phi": state.clients["phi"].at[2].set(5.0)}
+    later = checkpoint.RunState(4, state.server, clients, state.sampler, state.key,
+                                state.history)
+    checkpoint.save(tmp_path, later, {}, changed=np.array([2]))
+    files = sorted(p.name for p in (tmp_path / checkpoint.CLIENT_DIR).iterdir())
+    assert files == sorted([*(f for f in first if not f.startswith("c00002")),
+                            "c00002.r00004.npz"])
+    got = checkpoint.load(tmp_path, state.server, state.clients, {})
+    np.testing.assert_array_equal(got.clients["phi"], clients["phi"])
+    assert got.next_round == 4
+    # An orphan of a killed save (written, never listed) is removed by the next save.
+    (tmp_path / checkpoint.CLIENT_DIR / "c00001.r00009.npz").write_bytes(b"half")
+    checkpoint.save(tmp_path, later, {}, changed=np.array([], int))
+    assert "c00001.r00009.npz" not in {p.name for p in
+                                       (tmp_path / checkpoint.CLIENT_DIR).iterdir()}
+    np.testing.assert_array_equal(
+        checkpoint.load(tmp_path, state.server, state.clients, {}).clients["phi"],
+        clients["phi"])

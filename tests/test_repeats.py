@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["-c", "10", "-t", "2", "-le", "1", "-pe", "1", "-cr", "0.5", "-fu", "0.2", "-q",
        "-r", "2"]
-TIMING = {"seconds", "train_seconds", "eval_seconds", "peak_rss_mb"}
+TIMING = {"seconds", "train_seconds", "eval_seconds", "cpu_seconds", "peak_rss_mb"}
 
 
 def _rounds(run: Path) -> list[dict]:

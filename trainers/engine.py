@@ -46,6 +46,12 @@ class RunConfig:
     quiet: bool = False
     checkpoint_every: int = 1   # rounds between checkpoints (0: never; the last is always)
     upload_dtype: str = "float32"  # uploads travel in this precision (counted at its size)
+    # Score again clients whose evaluated model did not change since they were last
+    # scored (off: their sums are reused, which gives the same numbers).
+    rescore_unchanged: bool = False
+    # The reference's logged loss (training-mode BatchNorm over each client's whole set)
+    # for losses.txt; one more forward pass per scored split.
+    reference_losses: bool = True
 
 
 def _pad_clients(splits: list[ClientSplit], multiple: int) -> tuple[np.ndarray, ...]:
@@ -142,7 +148,34 @@ class Engine:
         sums = {"test": self._score(params, state, xte, yte, mte, rng)}
         if with_train:
             sums["train"] = self._score(params, state, xtr, ytr, mtr, rng)
+        if self.cfg.reference_losses:
+            # Weighted by the client's training examples n_i, as the reference weights
+            # every client average (spec 2.1, 2.3).
+            n_train = jnp.sum(mtr.astype(jnp.float32))
+            for split, (x, y, m) in (("test", (xte, yte, mte)), ("train", (xtr, ytr, mtr))):
+                if split in sums:
+                    mean = self._on_own_length(
+                        lambda x, y, m, split=split: self.task.reference_loss(
+                            params, state, rng, x, y, m, sums[split]), x, y, m)
+                    sums[split] = {**sums[split], "ref_loss": mean * n_train,
+                                   "ref_weight": n_train}
         return sums
+
+    def _on_own_length(self, fn, x, y, mask):
+        """`fn(x[:L], y[:L], mask[:L])` for the shortest L of a few fixed lengths (the
+        eval chunk times powers of two, and the padded length) that holds all of the
+        client's examples: a whole-set forward pass then costs at most twice the client's
+        size, not the largest client's, with one compiled program per length."""
+        n_pad, lengths, length = x.shape[0], [], self.cfg.eval_chunk
+        while length < n_pad:
+            lengths.append(length)
+            length *= 2
+        lengths.append(n_pad)
+        if len(lengths) == 1:
+            return fn(x, y, mask)
+        which = jnp.searchsorted(jnp.asarray(lengths), jnp.sum(mask.astype(jnp.int32)))
+        branches = [lambda ops, n=n: fn(ops[0][:n], ops[1][:n], ops[2][:n]) for n in lengths]
+        return jax.lax.switch(which, branches, (x, y, mask))
 
     def _make_eval_fn(self, with_train: bool):
         def eval_client(shared, c):
@@ -164,10 +197,61 @@ class Engine:
 
     def evaluate(self, server, clients, rng, with_train: bool = True) -> dict[str, float]:
         """Pooled accuracy and loss over every seen client; the train split is skipped
-        (reported as NaN) when `with_train` is False, since it costs ~9x the test split."""
+        (reported as NaN) when `with_train` is False, since it costs ~9x the test split.
+
+        Only clients whose evaluated model changed since they were last scored (see
+        `_mark_changed`) are scored; the others' per-client sums are reused, so the
+        pooled numbers are those of scoring everyone. `rescored` counts the scored ones.
+        """
         per_client = (clients,) + self.train + self.test
-        sums = self.executor(self._eval_fns[with_train], (server, rng), per_client)
-        return _pooled(sums)
+        fn = self._eval_fns[with_train]
+        if self._eval_rng is None or not np.array_equal(self._eval_rng, rng):
+            self._fresh, self._eval_rng = {}, np.asarray(rng)
+        splits = self._splits_scored(fn, server, rng, per_client)
+        stale = np.zeros(self.num_clients, bool)
+        for split in splits:
+            stale |= ~self._fresh.get(split, np.zeros(self.num_clients, bool))
+        if self.cfg.rescore_unchanged:
+            stale[:] = True
+        rows = np.flatnonzero(stale)
+        if rows.size:
+            chosen = per_client if rows.size == self.num_clients else index(
+                per_client, jnp.asarray(rows))
+            sums = self.executor(fn, (server, rng), chosen)
+            for split, new in sums.items():
+                old = self._scores.get(split)
+                self._scores[split] = new if rows.size == self.num_clients else (
+                    self._scatter(old, jnp.asarray(rows), new))
+                self._fresh.setdefault(split, np.zeros(self.num_clients, bool))[rows] = True
+        self.rescored = int(rows.size)
+        return _pooled({split: self._scores[split] for split in splits})
+
+    def _splits_scored(self, fn, server, rng, per_client) -> tuple[str, ...]:
+        """The splits `fn` reports (kNN-Per scores no train split)."""
+        shapes = jax.eval_shape(fn, (server, rng), index(per_client, 0))
+        return tuple(shapes)
+
+    def _eval_reads_server(self, server, clients) -> list[bool]:
+        """Per server leaf, whether `eval_params` reads it, from its jaxpr: FeDEQ and
+        Ditto score clients with their own models, FedAvg with the server's."""
+        one = index(clients, 0)
+        closed = jax.make_jaxpr(lambda srv: self.alg.eval_params(srv, one))(server)
+        used = {id(v) for eqn in closed.jaxpr.eqns for v in eqn.invars}
+        used |= {id(v) for v in closed.jaxpr.outvars}
+        return [id(v) in used for v in closed.jaxpr.invars]
+
+    def _mark_changed(self, cohort: np.ndarray, old_server, new_server) -> None:
+        """After a round: the cohort's models changed, and everyone's if a server leaf
+        that evaluation reads changed (compared entry by entry, so an unchanged server,
+        as in Finetune after its switch, invalidates nothing)."""
+        changed = any(read and not bool(jnp.array_equal(a, b)) for read, a, b in zip(
+            self._reads_server, jax.tree.leaves(old_server), jax.tree.leaves(new_server),
+            strict=True))
+        for fresh in self._fresh.values():
+            if changed:
+                fresh[:] = False
+            else:
+                fresh[np.asarray(cohort)] = False
 
     # ----------------------------------------------------------------- training
     def _cohort(self, rs: np.random.RandomState) -> np.ndarray:
@@ -200,12 +284,18 @@ class Engine:
         init_params, init_state = self.task.model.init(jax.random.PRNGKey(cfg.seed), example)
         server, clients = alg.init(init_params, init_state, self.num_clients)
         self._announce(init_params, init_state)
+        self._reads_server = self._eval_reads_server(server, clients)
+        self._scores, self._fresh, self._eval_rng = {}, {}, None
         if alg.extra_initial_draw:
-            rs.choice(self.num_clients, self.cohort_size)
+            # Without replacement, for vision and text alike (spec 3.8): numpy's legacy
+            # choice draws a permutation then, m bounded integers otherwise, so the
+            # two leave the stream at different places and every later cohort differs.
+            rs.choice(self.num_clients, self.cohort_size, replace=False)
         eval_rng = jax.random.PRNGKey(cfg.seed + 1)
 
         history: list[dict[str, Any]] = []
         start = 0
+        unsaved: set[int] = set()  # clients changed since the last checkpoint
         if self.run_dir and checkpoint.exists(self.run_dir.path):
             saved = checkpoint.load(self.run_dir.path, server, clients, self.settings)
             start, server, clients, history = (saved.next_round, saved.server, saved.clients,
@@ -219,7 +309,7 @@ class Engine:
                    initial=start, total=cfg.num_rounds + 1,
                    disable=cfg.quiet, dynamic_ncols=True)
         for r in bar:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             key = jax.random.fold_in(key, r)
             cohort = self._cohort(rs)
             schedule, keys, key = self._client_inputs(self.batcher, cohort, key)
@@ -237,14 +327,18 @@ class Engine:
             sent = self._to_wire(uploads)
             down_tree = alg.broadcast(server)
             weights = alg.aggregation_weights(jnp.asarray(self.sizes[cohort]))
+            old_server = server
             server = self._server_update(server, self._from_wire(sent, uploads), weights)
             clients = self._scatter(clients, rows, new_clients)
+            self._mark_changed(cohort, old_server, server)
+            unsaved.update(int(c) for c in cohort)
             jax.block_until_ready((server, clients))
             t1 = time.perf_counter()
 
             senders = (float(jnp.sum(stats["uploaded"])) if "uploaded" in stats
                        else len(cohort))
-            record = {"round": r, "train_seconds": t1 - t0,
+            record = {"round": r, "cohort": [int(c) for c in cohort],
+                      "train_seconds": t1 - t0,
                       "up_bytes": int(round(senders)) * tree_bytes(index(sent, 0)),
                       "down_bytes": int(round(float(jnp.sum(stats["downloaded"]))))
                       * tree_bytes(down_tree)}
@@ -258,9 +352,12 @@ class Engine:
                                                     or r == cfg.num_rounds)
                 record.update(self.evaluate(server, clients, eval_rng, with_train))
                 record["eval_seconds"] = time.perf_counter() - t1
+                record["clients_scored"] = self.rescored
                 postfix = {"test_acc": f"{record['test_acc']:.4f}",
                            "train_acc": f"{record['train_acc']:.4f}"}
             record["seconds"] = time.perf_counter() - t0
+            # CPU seconds of every thread (XLA's included): / seconds = cores kept busy.
+            record["cpu_seconds"] = time.process_time() - cpu0
             record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             history.append(record)
             if self.run_dir:
@@ -274,7 +371,8 @@ class Engine:
             if self.run_dir and ((every and (r + 1) % every == 0) or r == cfg.num_rounds):
                 checkpoint.save(self.run_dir.path, checkpoint.RunState(
                     r + 1, server, clients, rs.get_state(), np.asarray(key), history),
-                    self.settings)
+                    self.settings, changed=np.asarray(sorted(unsaved), int))
+                unsaved.clear()
 
         unseen = self._unseen(server, init_params, init_state, key, eval_rng)
         return self._summary(history, unseen)
@@ -370,6 +468,8 @@ def _pooled(sums: dict) -> dict[str, float]:
         out[f"{split}_acc"] = s["correct"] / max(s["count"], 1.0)
         # Text tasks count their loss over other positions than their accuracy.
         out[f"{split}_loss"] = s["loss"] / max(s.get("loss_count", s["count"]), 1.0)
+        if "ref_loss" in s:
+            out[f"{split}_loss_reference"] = s["ref_loss"] / max(s["ref_weight"], 1.0)
     return out
 
 

@@ -1,13 +1,21 @@
 """How a cohort's clients run: `vmap` (all at once), `map` (one after another inside one
-compiled program) or `loop` (a Python loop over one jitted client, like the reference).
+compiled program), `loop` (a Python loop over one jitted client, like the reference) or
+`threads` (the loop's clients spread over one thread per core).
 
 All three run the same per-client function and give the same numbers up to float
 tolerance. On CPU, `vmap` over clients with their own weights turns convolutions into
 grouped convolutions and was measured slower than a loop, so the default is chosen per
 backend from the benchmark (docs/PERFORMANCE.md), not assumed.
+
+`threads` exists because XLA:CPU keeps only about 1.2 of 2 cores busy on one client's
+small convolutions: the cohort's clients are independent within a round (their keys and
+schedules are drawn beforehand, in order), so running them concurrently changes nothing
+but the wall time, and the results are put back in cohort order.
 """
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -16,13 +24,13 @@ from jax import lax
 
 from utils.pytree import index, stack
 
-EXECUTORS = ("loop", "map", "vmap")
+EXECUTORS = ("loop", "threads", "map", "vmap")
 ClientFn = Callable[[Any, Any], Any]
 
 
 def default_executor() -> str:
     """The fastest executor measured on this backend (see benchmarks/round_time.py)."""
-    return "loop" if jax.default_backend() == "cpu" else "vmap"
+    return "threads" if jax.default_backend() == "cpu" else "vmap"
 
 
 def _num_clients(per_client: Any) -> int:
@@ -32,11 +40,12 @@ def _num_clients(per_client: Any) -> int:
 class Executor:
     """Runs `fn(shared, one_client)` for every client of `per_client` (leading axis)."""
 
-    def __init__(self, kind: str, vmap_chunk: int = 10):
+    def __init__(self, kind: str, vmap_chunk: int = 10, workers: int | None = None):
         if kind not in EXECUTORS:
             raise ValueError(f"executor {kind!r} unknown; allowed: {', '.join(EXECUTORS)}")
         self.kind = kind
         self.vmap_chunk = vmap_chunk
+        self.workers = workers or os.cpu_count() or 1
         self._compiled: dict[int, Callable] = {}
 
     def __call__(self, fn: ClientFn, shared: Any, per_client: Any, trains: bool = False
@@ -49,10 +58,17 @@ class Executor:
         return self._compiled[key](shared, per_client)
 
     def _compile(self, fn: ClientFn, trains: bool) -> Callable:
-        if self.kind == "loop":
+        if self.kind in ("loop", "threads"):
             one = fn if trains else jax.jit(fn)
-            return lambda shared, pc: stack(
-                [one(shared, index(pc, i)) for i in range(_num_clients(pc))])
+            if self.kind == "loop":
+                return lambda shared, pc: stack(
+                    [one(shared, index(pc, i)) for i in range(_num_clients(pc))])
+
+            def run_threads(shared, pc):
+                n = _num_clients(pc)
+                with ThreadPoolExecutor(min(self.workers, n)) as pool:
+                    return stack(list(pool.map(lambda i: one(shared, index(pc, i)), range(n))))
+            return run_threads
         if self.kind == "map":
             return jax.jit(lambda shared, pc: lax.map(lambda c: fn(shared, c), pc))
         batched = jax.jit(jax.vmap(fn, in_axes=(None, 0)))

@@ -23,6 +23,7 @@ import optax
 from jax import lax
 
 from deq.fixed_point import PROBE_SIZE
+from models.base import HEAD_MARKER
 from utils.pytree import merge
 
 PHASE_STATS = ("steps", "loss", "fwd_iters", "fwd_residual", "bwd_steps", "bwd_iters",
@@ -51,8 +52,25 @@ class Schedule(NamedTuple):
         return Schedule(self.idx[s, :epochs], self.mask[s, :epochs])
 
 
-def _make_step(task: Any, lr: float, penalty: Penalty | None) -> Callable:
-    """One SGD step (the reference's optax.sgd(lr)) on `trainable`, `frozen` held fixed."""
+def reaches_solver(trainable: dict) -> bool:
+    """Whether gradients for `trainable` pass through an equilibrium solve.
+
+    In every model the head (`player` modules) lies after the solve, so a head-only
+    phase needs no backward linear solve. Asking for the probe's gradient there would
+    run one anyway (a custom VJP is differentiated as soon as any of its inputs is),
+    at the cost of a full training step per head step; the head's gradient does not
+    depend on it. Without the probe the solve is a plain forward pass, as in the
+    reference, whose head steps differentiate the head alone (spec 3.5, 3.8 c).
+    """
+    return any(HEAD_MARKER not in name for name in trainable)
+
+
+def _make_step(task: Any, lr: float, penalty: Penalty | None, backward_stats: bool = True
+               ) -> Callable:
+    """One SGD step (the reference's optax.sgd(lr)) on `trainable`, `frozen` held fixed.
+
+    `backward_stats`: differentiate the solver probe to report the backward solve's
+    statistics; False for head-only phases, where no gradient reaches the solve."""
     optimizer = optax.sgd(lr)
 
     def objective(tr, probe, st, frozen, penalty_args, x, y, m, key):
@@ -63,7 +81,13 @@ def _make_step(task: Any, lr: float, penalty: Penalty | None) -> Callable:
             total = total + penalty(tr, penalty_args, x, m)
         return total, (new_st, loss, out.solver_stats)
 
-    grad_fn = jax.grad(objective, argnums=(0, 1), has_aux=True)
+    if backward_stats:
+        grad_fn = jax.grad(objective, argnums=(0, 1), has_aux=True)
+    else:
+        def grad_fn(tr, probe, *rest):
+            del probe
+            g, aux = jax.grad(lambda t: objective(t, None, *rest), has_aux=True)(tr)
+            return (g, jnp.zeros((PROBE_SIZE,), jnp.float32)), aux
 
     def step(tr, opt_state, st, frozen, penalty_args, x, y, m, key):
         batch = m.shape[-1]
@@ -82,8 +106,9 @@ def _make_step(task: Any, lr: float, penalty: Penalty | None) -> Callable:
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_step(task: Any, lr: float, penalty: Penalty | None) -> Callable:
-    return jax.jit(_make_step(task, lr, penalty))
+def _jitted_step(task: Any, lr: float, penalty: Penalty | None, backward_stats: bool
+                 ) -> Callable:
+    return jax.jit(_make_step(task, lr, penalty, backward_stats))
 
 
 def sgd_phase(task: Any, lr: float, trainable: dict, frozen: dict, state: dict,
@@ -103,9 +128,10 @@ def sgd_phase(task: Any, lr: float, trainable: dict, frozen: dict, state: dict,
     opt_state = optimizer.init(trainable)
     batch = schedule.idx.shape[-1]
     sums = jnp.zeros((len(PHASE_STATS),), jnp.float32)
+    backward_stats = reaches_solver(trainable)
 
     if not isinstance(schedule.mask, jax.core.Tracer):
-        step = _jitted_step(task, lr, penalty)
+        step = _jitted_step(task, lr, penalty, backward_stats)
         idx = np.asarray(schedule.idx).reshape(-1, batch)
         mask = np.asarray(schedule.mask).reshape(-1, batch)
         rows = []
@@ -116,7 +142,7 @@ def sgd_phase(task: Any, lr: float, trainable: dict, frozen: dict, state: dict,
             rows.append(row)
         return trainable, state, (jnp.sum(jnp.stack(rows), 0) if rows else sums)
 
-    step = _make_step(task, lr, penalty)
+    step = _make_step(task, lr, penalty, backward_stats)
     idx = schedule.idx.reshape(-1, batch)
     mask = schedule.mask.reshape(-1, batch)
 

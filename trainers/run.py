@@ -27,6 +27,7 @@ _TEXT_DATASETS = frozenset({"shakespeare"})
 # Flags that may differ when a run is resumed: none of them changes a trained number
 # (a larger --num_rounds extends a finished run).
 _RESUMABLE_CHANGES = frozenset({"outdir", "quiet", "num_rounds", "checkpoint_every", "repeat",
+                                "rescore_unchanged",
                                 "repeat_mode"})
 
 
@@ -101,7 +102,9 @@ class RunRequest:
                           batch_size=f.batch_size, eval_every=f.eval_every,
                           eval_train_every=f.eval_train_every,
                           executor=f.executor or "", eval_chunk=f.eval_chunk, quiet=f.quiet,
-                          checkpoint_every=f.checkpoint_every, upload_dtype=f.upload_dtype),
+                          checkpoint_every=f.checkpoint_every, upload_dtype=f.upload_dtype,
+                          rescore_unchanged=f.rescore_unchanged,
+                          reference_losses=f.reference_losses),
             hp=HParams(lr=f.learning_rate, local_epochs=f.inner_epochs,
                        personal_epochs=f.personalized_epochs,
                        weighted=not f.unweighted_updates),

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from models.base import ModelOutput
+from models.batch_norm import batch_statistics_over
 from models.registry import ModelSpec
 
 PAD_ID = 0
@@ -44,6 +45,17 @@ class ClassificationTask(_ModelTask):
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         mask = mask.astype(ce.dtype)
         return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    def reference_loss(self, params, state, rng, x: jnp.ndarray, y: jnp.ndarray,
+                       mask: jnp.ndarray, sums: dict) -> jnp.ndarray:
+        """The loss the reference logs for a client (spec 2.3): mean cross-entropy of a
+        training-mode forward pass over the client's whole set as one batch, so every
+        BatchNorm uses that set's statistics (padding excluded). Model state updates are
+        dropped, as the reference drops them."""
+        del sums
+        with batch_statistics_over(mask):
+            out, _ = self.apply(params, state, rng, x, True)
+        return self.loss(out.logits, y, mask)
 
     def eval_sums(self, logits: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray,
                   x: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
@@ -84,6 +96,14 @@ class TextTask(_ModelTask):
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         tokens = token_mask(x, mask).astype(nll.dtype)
         return jnp.sum(nll * tokens) / jnp.maximum(jnp.sum(tokens), 1.0)
+
+    def reference_loss(self, params, state, rng, x: jnp.ndarray, y: jnp.ndarray,
+                       mask: jnp.ndarray, sums: dict) -> jnp.ndarray:
+        """The client's mean token NLL (the text models have no BatchNorm, and their
+        dropout is on at evaluation as in the reference, so the evaluation pass's sums
+        already hold it)."""
+        del params, state, rng, x, y, mask
+        return sums["loss"] / jnp.maximum(sums["loss_count"], 1.0)
 
     def eval_sums(self, logits: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray,
                   x: jnp.ndarray) -> dict[str, jnp.ndarray]:

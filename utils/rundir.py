@@ -50,9 +50,17 @@ def _metrics_line(record: dict[str, Any]) -> str:
     return json.dumps(clean, sort_keys=True)
 
 
+def _reference_losses(record: dict[str, Any]) -> str:
+    """losses.txt's line: the reference's logged losses (training-mode BatchNorm over each
+    client's whole set, spec 2.3); metrics.jsonl also has the evaluation-mode ones
+    (`train_loss`, `test_loss`). NaN where a split was not scored."""
+    return _fmt([record.get("train_loss_reference"), record.get("test_loss_reference")])
+
+
 class RunDir:
     """Writes one run's files. `metrics.jsonl` is the complete record; `output.txt`,
-    `losses.txt`, `unseen.txt` and `final_result.txt` keep the reference's formats."""
+    `losses.txt`, `unseen.txt` and `final_result.txt` keep the reference's formats and
+    quantities."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -63,7 +71,7 @@ class RunDir:
         """A run SIGKILLed while `atomic_file` was writing leaves its temporary sibling
         behind (no cleanup code runs on SIGKILL). The completed files never depend on
         it, so the next run in this directory removes it rather than letting it pile up."""
-        for stale in self.path.glob(".*.tmp"):
+        for stale in [*self.path.glob(".*.tmp"), *self.path.glob("*/.*.tmp")]:
             stale.unlink(missing_ok=True)
 
     def write_flags(self, flags: dict[str, Any]) -> None:
@@ -83,7 +91,7 @@ class RunDir:
         self._append("metrics.jsonl", _metrics_line(record))
         if "test_acc" in record:
             self._append("output.txt", _fmt([record["train_acc"], record["test_acc"]]))
-            self._append("losses.txt", _fmt([record["train_loss"], record["test_loss"]]))
+            self._append("losses.txt", _reference_losses(record))
 
     def rewrite_rounds(self, history: list[dict[str, Any]]) -> None:
         """On resume: the per-round files hold exactly the checkpoint's rounds (a killed
@@ -96,7 +104,7 @@ class RunDir:
         atomic_write(self.path / "output.txt",
                      text([_fmt([h["train_acc"], h["test_acc"]]) for h in evaluated]))
         atomic_write(self.path / "losses.txt",
-                     text([_fmt([h["train_loss"], h["test_loss"]]) for h in evaluated]))
+                     text([_reference_losses(h) for h in evaluated]))
 
     def write_unseen(self, train_acc: float, test_acc: float, record: dict[str, Any]) -> None:
         atomic_write(self.path / "unseen.txt", _fmt([train_acc, test_acc]) + "\n")
