@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMING = frozenset({"seconds", "train_seconds", "eval_seconds", "peak_rss_mb"})
+# Fields that describe the work done, not its results: wall and CPU time, memory, and how
+# many clients were scored (a resumed run scores everyone once, its reuse cache is new).
+TIMING = frozenset({"seconds", "train_seconds", "eval_seconds", "cpu_seconds", "peak_rss_mb",
+                    "clients_scored"})
 
 
 def command(flags: list[str], out: Path) -> list[str]:
@@ -30,7 +33,7 @@ def environment() -> dict[str, str]:
 
 
 def logged_rounds(out: Path) -> list[dict]:
-    """metrics.jsonl without the wall-clock fields (they differ between any two runs)."""
+    """metrics.jsonl without the `TIMING` fields (they differ between any two runs)."""
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in x.items() if k not in TIMING} for x in lines]
 

@@ -72,3 +72,25 @@ def write_tiny_shakespeare(root, clients: int = 4) -> None:
     names = [f"role{i}" for i in range(clients)]
     _write_tff(Path(root) / "shakespeare", {c: _snippets(c, 3) for c in names},
                {c: _snippets(c, 1) for c in names})
+
+
+def linear_engine(trainer: str, data, cfg: RunConfig, run_dir, hp: HParams,
+                  width: int = 8) -> Engine:
+    """`trainer` with a two-layer linear model (body, `player_logits` head), which
+    compiles in a moment: for tests of the cohort logic, which does not care what the
+    model is."""
+    import haiku as hk
+
+    from deq.stats import SolverStats
+    from models.base import ModelOutput
+    from models.registry import ModelSpec
+    from trainers.registry import build_algorithm
+
+    def forward(x, is_training, probe=None):
+        del is_training, probe
+        h = hk.Linear(width, name="body")(x)
+        return ModelOutput(hk.Linear(data.num_classes, name="player_logits")(h), h,
+                           SolverStats.zeros())
+
+    task = ClassificationTask(ModelSpec("linear", hk.transform_with_state(forward), False))
+    return Engine(data, task, build_algorithm(trainer, task, hp), cfg, run_dir)
