@@ -227,9 +227,12 @@ class Engine:
         return _pooled({split: self._scores[split] for split in splits})
 
     def _splits_scored(self, fn, server, rng, per_client) -> tuple[str, ...]:
-        """The splits `fn` reports (kNN-Per scores no train split)."""
-        shapes = jax.eval_shape(fn, (server, rng), index(per_client, 0))
-        return tuple(shapes)
+        """The splits `fn` reports (kNN-Per scores no train split); traced once per
+        evaluation function, not every round."""
+        if id(fn) not in self._split_names:
+            shapes = jax.eval_shape(fn, (server, rng), index(per_client, 0))
+            self._split_names[id(fn)] = tuple(shapes)
+        return self._split_names[id(fn)]
 
     def _eval_reads_server(self, server, clients) -> list[bool]:
         """Per server leaf, whether `eval_params` reads it, from its jaxpr: FeDEQ and
@@ -285,7 +288,7 @@ class Engine:
         server, clients = alg.init(init_params, init_state, self.num_clients)
         self._announce(init_params, init_state)
         self._reads_server = self._eval_reads_server(server, clients)
-        self._scores, self._fresh, self._eval_rng = {}, {}, None
+        self._scores, self._fresh, self._eval_rng, self._split_names = {}, {}, None, {}
         if alg.extra_initial_draw:
             # Without replacement, for vision and text alike (spec 3.8): numpy's legacy
             # choice draws a permutation then, m bounded integers otherwise, so the
