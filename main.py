@@ -11,11 +11,14 @@ import sys
 
 from absl import app, flags
 
-from data.registry import DATASETS
+from data.augment import AUGMENTATIONS
+from data.registry import DATASETS, PARTITIONS
 from deq.config import BWD_SOLVERS, FWD_SOLVERS
 from models.registry import MODELS
 from trainers.engine import RunConfig
 from trainers.executors import EXECUTORS
+from trainers.names import SUBMODEL_TRAINERS
+from trainers.optimizers import OPTIMIZERS
 from trainers.registry import TRAINERS
 from trainers.run import RepeatFailed
 from utils.checkpoint import CheckpointError
@@ -124,16 +127,54 @@ flags.DEFINE_bool("text_admm_per_token", True, "text FeDEQ divides its ADMM term
 flags.DEFINE_bool("text_acc_ignores_padding", False, "text accuracy (and kNN-Per's datastore "
                   "and queries) over non-padding positions only; the reference counts every "
                   "position")
+# Clients of unequal compute (InCo Aggregation, docs/inco_spec): sub-models of one server
+# model. The runners under runners/inco/ pass the paper's settings.
+flags.DEFINE_string("submodels", None, "comma-separated client models, smallest first, "
+                    "the server model last (default: the family of --model, e.g. resnet10,"
+                    "resnet14,resnet18,resnet22,resnet26); clients are split into equal "
+                    "groups of ids, one model per group")
+flags.DEFINE_enum("partition", None, PARTITIONS, "how a pooled dataset is cut into clients "
+                  "(default: shards for the FeDEQ trainers, hetero-fixed for InCo's)")
+flags.DEFINE_float("alpha", 0.5, "Dirichlet concentration of --partition hetero (and the "
+                   "alpha the fixed partition file was drawn with)")
+flags.DEFINE_string("partition_file", None, "--partition hetero-fixed: the authors' .npy "
+                    "(a pickled dict, read without executing anything) or its JSON copy")
+flags.DEFINE_enum("augment", "auto", ["auto", *AUGMENTATIONS], "training augmentation on "
+                  "device (auto: InCo's per dataset with its partitions, none otherwise)")
+flags.DEFINE_enum("optimizer", None, OPTIMIZERS, "client optimiser (default: adam for InCo's "
+                  "ResNets, sgd otherwise); fresh every round")
+flags.DEFINE_float("momentum", None, "SGD momentum (default 0.9 for InCo's ViT, else 0)")
+flags.DEFINE_float("weight_decay", None, "weight decay added to the gradient (default 1e-5 "
+                   "for InCo's ViT, else 0)")
+flags.DEFINE_float("prox_mu", 0.1, "FedProx: mu of the proximal term mu/2 ||w - w_global||^2 "
+                   "(InCo's mu/2 = 0.05)")
+flags.DEFINE_float("moon_mu", 0.001, "MOON: weight of the model-contrastive term")
+flags.DEFINE_float("moon_temperature", 0.5, "MOON: temperature tau")
+flags.DEFINE_enum("inco_mode", "code", ["code", "paper", "none"], "InCo's rule: the released "
+                  "code's (default), the paper's Algorithm 1, or none")
+flags.DEFINE_float("inco_clamp_max", 5.0, "InCo: cap on the mixing coefficient lambda")
+flags.DEFINE_float("inco_clip", 0.1, "InCo: elementwise clip of a mixed update (code rule; "
+                   "0: none)")
+flags.DEFINE_integer("vit_patch_size", 4, "ViT patch size (the paper: 16 at 224 x 224)")
+flags.DEFINE_integer("vit_image_size", 32, "ViT input size; smaller images are resized "
+                     "(the paper: 224)")
+flags.DEFINE_string("vit_weights", None, "an .npz of ViT-S weights to start from (timm or "
+                    "AugReg names); default: from scratch")
+flags.DEFINE_bool("global_eval_drop_last", RunConfig.global_eval_drop_last, "InCo: score "
+                  "the pooled test set in batches of 512 dropping the last partial one, as "
+                  "the authors' loader (9,728 of CIFAR-10's 10,000)")
 flags.DEFINE_bool("text_eval_dropout", True, "keep the transformers' dropout on when "
                   "evaluating, as the reference does")
 
 
 def _default_model(dataset: str, trainer: str) -> str:
+    if trainer in SUBMODEL_TRAINERS:
+        return "resnet26"
     deq = trainer.startswith("fedeq")
     return {"synthetic": "deq_mlp", "femnist": "deq_resnet_s" if deq else "resnet20",
             "cifar10": "deq_resnet_m" if deq else "resnet34",
             "cifar100": "deq_resnet_m" if deq else "resnet34",
-            "shakespeare": "deq_transformer" if deq else "transformer8"}[dataset]
+            "shakespeare": "deq_transformer" if deq else "transformer8"}.get(dataset, "resnet26")
 
 
 def _outdir(trainer: str, dataset: str, num_clients: int, model: str) -> str:

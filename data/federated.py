@@ -57,6 +57,10 @@ class FederatedData:
     # per-client indices, data.partition.ShardPartition.to_arrays), for all clients, unseen
     # ones included, so a run can store it and be repeated exactly. None for natural clients.
     partition: dict[str, np.ndarray] | None = None
+    # The pooled official test split, for protocols that evaluate one global model on it
+    # rather than each client on its own test data (InCo Aggregation, inco spec section 7).
+    # None when the dataset has no such split or the protocol does not use it.
+    global_test: ClientSplit | None = None
 
     @property
     def num_clients(self) -> int:
@@ -72,11 +76,14 @@ class FederatedData:
         n_train = sum(c.n for c in self.train)
         n_test = sum(c.n for c in self.test)
         n_unseen = sum(c.n for c in self.unseen_train) + sum(c.n for c in self.unseen_test)
-        return (
+        line = (
             f"{self.name}: {self.num_clients} clients (+{len(self.unseen_ids)} unseen, "
             f"{n_unseen} samples), {n_train} train / {n_test} test samples, "
             f"{self.num_classes} classes, input {tuple(self.input_shape)}"
         )
+        if self.global_test is not None:
+            line += f", global test {self.global_test.n} samples"
+        return line
 
 
 def check_frac_unseen(frac_unseen: float) -> float:

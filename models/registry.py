@@ -13,7 +13,9 @@ from models.deq_mlp import deq_mlp
 from models.deq_resnet import deq_resnet
 from models.deq_transformer import deq_transformer
 from models.resnet import resnet20_femnist, resnet34_cifar
+from models.stage_resnet import STAGE_SPLITS, stage_resnet
 from models.transformer import transformer8
+from models.vit import VIT_SPLITS, vit
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,11 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class _Entry:
-    build: Callable[[int, SolverConfig, bool], Callable]  # (classes, solver, eval dropout)
+    # (classes, solver, eval dropout), plus (patch size, image size) when `vit`
+    build: Callable[..., Callable]
     is_deq: bool
     input_ranks: tuple[int, ...]  # example ranks the model accepts: 3 for images, 1 for vectors
+    vit: bool = False  # takes build_model's vit_patch_size and vit_image_size
 
 
 _MODELS: dict[str, _Entry] = {
@@ -48,25 +52,49 @@ _MODELS: dict[str, _Entry] = {
     "transformer8": _Entry(lambda c, s, d: transformer8(c, dropout_at_eval=d), False, (1,)),
     "deq_transformer": _Entry(lambda c, s, d: deq_transformer(c, dropout_at_eval=d), True,
                               (1,)),
+    # InCo's client models (spec 1.1-1.2): two nested families, each model a prefix of
+    # the family's largest (server) model. Default arguments pin each loop's value.
+    **{name: _Entry(lambda c, s, d, b=blocks: stage_resnet(c, b), False, (3,))
+       for name, blocks in STAGE_SPLITS.items()},
+    **{name: _Entry(lambda c, s, d, p, i, k=depth: vit(c, k, patch_size=p, image_size=i),
+                    False, (3,), vit=True)
+       for name, depth in VIT_SPLITS.items()},
 }
 MODELS = tuple(_MODELS)
 
+_FAMILIES = (tuple(STAGE_SPLITS), tuple(VIT_SPLITS))  # smallest first, server model last
+
 
 def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...],
-                solver: SolverConfig | None = None, dropout_at_eval: bool = True
-                ) -> ModelSpec:
+                solver: SolverConfig | None = None, dropout_at_eval: bool = True,
+                vit_patch_size: int = 4, vit_image_size: int = 32) -> ModelSpec:
     """Builds a model, failing early with the allowed names when it cannot fit the data.
 
     `dropout_at_eval` (models with dropout only): keep dropout on in evaluation forward
-    passes, as the reference's transformers do."""
+    passes, as the reference's transformers do. `vit_patch_size` / `vit_image_size`
+    (ViTs only): the paper's 16 / 224 is too slow on a CPU, so the defaults keep 32x32
+    images as they are with 4x4 patches; smaller images are resized inside the model."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
     entry = _MODELS[name]
     if len(input_shape) not in entry.input_ranks:
         raise ValueError(f"model {name!r} takes inputs of rank {entry.input_ranks}, but the "
                          f"dataset's examples have shape {input_shape}")
-    forward = entry.build(num_classes, solver or SolverConfig(), dropout_at_eval)
+    args = (num_classes, solver or SolverConfig(), dropout_at_eval)
+    if entry.vit:
+        if max(input_shape[:2]) > vit_image_size:
+            raise ValueError(f"model {name!r} is built for {vit_image_size}x{vit_image_size} "
+                             f"images, but the dataset's examples have shape {input_shape}")
+        forward = entry.build(*args, vit_patch_size, vit_image_size)
+    else:
+        forward = entry.build(*args)
     return ModelSpec(name, hk.transform_with_state(forward), entry.is_deq)
+
+
+def submodel_family(name: str) -> tuple[str, ...] | None:
+    """The InCo family `name` belongs to (smallest model first, server model last), or
+    None for a model that has no sub-models."""
+    return next((family for family in _FAMILIES if name in family), None)
 
 
 def is_head(module_name: str) -> bool:

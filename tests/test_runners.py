@@ -75,7 +75,8 @@ def _run_script(tmp_path: Path, script: Path, *extra: str) -> dict:
 # One script per algorithm runs in CI, the datasets taking turns; the rest run with -m slow.
 _CI_VISION = {"femnist/run_fedavg.sh", "cifar10/run_finetune.sh", "cifar100/run_local.sh",
               "femnist/run_ditto.sh", "cifar10/run_fedrep.sh", "cifar100/run_fedper.sh",
-              "femnist/run_knnper.sh", "cifar10/run_fedeq.sh"}
+              "femnist/run_knnper.sh", "cifar10/run_fedeq.sh", "cifar100/run_fedprox.sh",
+              "femnist/run_scaffold.sh", "cifar10/run_fednova.sh", "cifar100/run_moon.sh"}
 
 
 def _name(script: Path) -> str:
@@ -148,6 +149,8 @@ SHAKESPEARE_SCRIPT_FLAGS = {
     "ditto": {"--lambda": "0.1"},
     "knnper": {"--knn_neighbors": "10", "--knn_lam": "0.5"},
     "fedeq": {"--model": "deq_transformer", "--rho": "0.01", "--lam_admm": "0.001"},
+    "fedprox": {"--prox_mu": "0.1"}, "scaffold": {}, "fednova": {},
+    "moon": {"--moon_mu": "0.001", "--moon_temperature": "0.5"},
 }
 
 
@@ -202,6 +205,8 @@ VISION_SCRIPT_FLAGS = {
     "ditto": {"--lambda": "0.3"},
     "knnper": {"--knn_neighbors": "10", "--knn_lam": "0.5"},
     "fedeq": {"--rho": "0.01", "--lam_admm": "0.01"},
+    "fedprox": {"--prox_mu": "0.1"}, "scaffold": {}, "fednova": {},
+    "moon": {"--moon_mu": "0.001", "--moon_temperature": "0.5"},
 }
 
 
@@ -244,3 +249,52 @@ def test_shakespeare_fedeq_runner_with_its_own_model(tmp_path, shared_compile_en
     flags = _run_shakespeare_script(tmp_path, ROOT / "runners/shakespeare/run_fedeq.sh",
                                     shared_compile_env)
     assert flags["model"] == "deq_transformer"
+
+
+# InCo's runners: every script hands main.py the paper's settings (stand-in python3, all
+# ten); with -m slow each really runs a round with two sub-models on tiny CIFAR-10 (about
+# 40 s each: a full-width ResNet26 compiles; tests/test_submodel_federation.py runs the
+# same engine path on tiny widths in the default set).
+INCO_RUNNERS = sorted((ROOT / "runners" / "inco").glob("run_*.sh"))
+INCO_FLAGS = {"--dataset": "cifar10", "--model": "resnet26", "--partition": "hetero-fixed",
+              "--alpha": "0.5", "--num_clients": "100", "--num_rounds": "500",
+              "--clients_per_round": "0.1", "--inner_epochs": "5", "--batch_size": "64",
+              "--learning_rate": "0.001", "--eval_every": "1", "--seed": "100"}
+
+
+def test_inco_scripts_pass_the_papers_settings(tmp_path):
+    methods = [p.stem.removeprefix("run_") for p in INCO_RUNNERS]
+    assert sorted(methods) == sorted(f"{kind}{m}" for kind in ("hetero", "inco")
+                                     for m in ("avg", "prox", "scaffold", "nova", "moon"))
+    for script in INCO_RUNNERS:
+        method = script.stem.removeprefix("run_")
+        argv = _script_argv(tmp_path / method, script, "-r", "1")
+        assert "--unweighted_updates" in argv        # HeteroAvg's mean is unweighted
+        argv = [a for a in argv[1:-2] if a != "--unweighted_updates"]
+        got = dict(zip(argv[::2], argv[1::2], strict=True))
+        expected = {**INCO_FLAGS, "--trainer": method}
+        if method.endswith("prox"):
+            expected["--prox_mu"] = "0.1"
+        if method.endswith("moon"):
+            expected["--num_rounds"] = "100"
+        assert got == expected, method
+
+
+@pytest.mark.parametrize("script", [
+    pytest.param(p, marks=pytest.mark.slow) for p in INCO_RUNNERS],
+    ids=lambda p: f"inco/{p.name}")
+def test_inco_runner_completes_a_round(tmp_path, script):
+    write_cifar10(tmp_path / "data" / "cifar10" / "cifar-10-batches-py", train_per_class=8,
+                  test_per_class=2)
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        ["bash", str(script), "--data_dir", str(tmp_path / "data"), "-c", "4", "-cr", "0.5",
+         "--partition", "homo", "--submodels", "resnet10,resnet26", "-t", "0", "-le", "1",
+         "-b", "8", "--noglobal_eval_drop_last", "-q", "-o", str(out)],
+        cwd=tmp_path, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+        text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resnet10" in proc.stdout and "4,910,922 params" in proc.stdout
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(record["test_acc_tiers"]) == {"resnet10", "resnet26"}
+    assert np.isclose(record["test_acc"], np.mean(list(record["test_acc_tiers"].values())))

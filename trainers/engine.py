@@ -6,6 +6,7 @@ evaluation of every seen client, byte counting from the pytrees exchanged, timin
 the run directory.
 """
 
+import functools
 import resource
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.federated import ClientSplit, FederatedData
+from trainers.aggregation import OWNED, split_owned
 from trainers.algorithms.base import Algorithm, key_words, map_chunks
 from trainers.executors import Executor, default_executor
 from trainers.local import PHASE_STATS, ClientData, Schedule
@@ -52,6 +54,10 @@ class RunConfig:
     # The reference's logged loss (training-mode BatchNorm over each client's whole set)
     # for losses.txt; one more forward pass per scored split.
     reference_losses: bool = True
+    # Sub-model federations (InCo) score each tier on the pooled test set in batches of
+    # this size, dropping the last partial batch as InCo's loader does.
+    global_eval_batch: int = 512
+    global_eval_drop_last: bool = True
 
 
 def _pad_clients(splits: list[ClientSplit], multiple: int) -> tuple[np.ndarray, ...]:
@@ -115,6 +121,7 @@ class Engine:
         x, y, m = _pad_clients(data.test, cfg.eval_chunk)
         self.test = (jnp.asarray(x), jnp.asarray(y), jnp.asarray(m))
         self._client_fn = lambda server, c: algorithm.client_update(server, *c)
+        self.params_hook = None
         self._eval_fns = {True: self._make_eval_fn(True), False: self._make_eval_fn(False)}
         self._adapt_fn, self._unseen_score_fn = self._make_unseen_fns()
         self._server_update = jax.jit(algorithm.server_update)
@@ -126,6 +133,14 @@ class Engine:
             lambda sent, like: jax.tree.map(lambda s, o: s.astype(o.dtype), sent, like)))
         self._scatter = jax.jit(
             lambda tree, rows, new: jax.tree.map(lambda a, b: a.at[rows].set(b), tree, new))
+        # Sub-model federations run each tier's clients with that tier's function and
+        # are scored per tier on the pooled test set (InCo).
+        self._tiered = hasattr(algorithm, "tier_client_fn")
+        self._global_eval = hasattr(algorithm, "server_models") and data.global_test is not None
+        if self._global_eval:
+            self._global_test = _global_batches(data.global_test, cfg.global_eval_batch,
+                                                cfg.global_eval_drop_last)
+            self._global_scorers: dict[int, Any] = {}
 
     # ----------------------------------------------------------------- evaluation
     def _score(self, params, state, x, y, mask, rng):
@@ -256,7 +271,58 @@ class Engine:
             else:
                 fresh[np.asarray(cohort)] = False
 
+    def evaluate_global(self, server, rng) -> dict[str, Any]:
+        """Every tier's sub-model of the server on the pooled test set (inco_spec 7): the
+        reported accuracy and loss are the means over tiers; per tier in `*_tiers`."""
+        acc, loss = {}, {}
+        x, y = self._global_test
+        for k, (name, task, params, state) in enumerate(self.alg.server_models(server)):
+            if k not in self._global_scorers:
+                self._global_scorers[k] = jax.jit(functools.partial(_score_batches, task))
+            correct, total, count = (float(v) for v in
+                                     self._global_scorers[k](params, state, rng, x, y))
+            acc[name], loss[name] = correct / max(count, 1.0), total / max(count, 1.0)
+        return {"test_acc": float(np.mean(list(acc.values()))),
+                "test_loss": float(np.mean(list(loss.values()))),
+                "train_acc": float("nan"), "train_loss": float("nan"),
+                "test_acc_tiers": acc, "test_loss_tiers": loss}
+
     # ----------------------------------------------------------------- training
+    def _train_cohort(self, server, inputs, cohort: np.ndarray):
+        """The cohort's client updates in cohort order; a sub-model federation runs each
+        tier's clients together with that tier's (separately compiled) function."""
+        if not self._tiered:
+            return self.executor(self._client_fn, server, inputs, trains=True)
+        tiers = self.alg.tier_of[np.asarray(cohort)]
+        parts, order = [], []
+        for k in np.unique(tiers):
+            rows = np.flatnonzero(tiers == k)
+            parts.append(self.executor(self.alg.tier_client_fn(int(k)), server,
+                                       index(inputs, jnp.asarray(rows)), trains=True))
+            order.append(rows)
+        merged = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+        return index(merged, jnp.asarray(np.argsort(np.concatenate(order))))
+
+    def _bytes(self, cohort, sent, stats, down_tree, server) -> dict[str, Any]:
+        """Bytes up and down this round. Sub-model uploads count only their owned entries
+        (their ownership masks say which); downloads the tier's cut of the broadcast."""
+        sent_flags = (np.asarray(stats["uploaded"]) > 0 if "uploaded" in stats
+                      else np.ones(len(cohort), bool))
+        downloaded = np.asarray(stats["downloaded"]) > 0
+        if OWNED not in sent:
+            return {"up_bytes": int(sent_flags.sum()) * tree_bytes(index(sent, 0)),
+                    "down_bytes": int(downloaded.sum()) * tree_bytes(down_tree)}
+        per_client = np.asarray(_owned_bytes(sent))
+        tiers = self.alg.tier_of[np.asarray(cohort)]
+        down_per_tier = self.alg.tier_download_bytes(server)
+        names = self.alg.tier_names
+        up_tiers = {names[k]: int(per_client[tiers == k][0]) for k in np.unique(tiers)}
+        return {"up_bytes": int(per_client[sent_flags].sum()),
+                "down_bytes": int(sum(down_per_tier[t] for t in tiers[downloaded])),
+                "up_bytes_tiers": up_tiers,
+                "down_bytes_tiers": {names[k]: int(down_per_tier[k]) for k in np.unique(tiers)},
+                "cohort_tiers": [names[t] for t in tiers]}
+
     def _cohort(self, rs: np.random.RandomState) -> np.ndarray:
         if self.alg.full_participation:  # the reference draws nothing then (spec 3.3)
             return np.arange(self.num_clients)
@@ -285,6 +351,8 @@ class Engine:
         key = jax.random.PRNGKey(cfg.seed)
         example = jnp.asarray(self.data.train[0].x[:2])
         init_params, init_state = self.task.model.init(jax.random.PRNGKey(cfg.seed), example)
+        if self.params_hook is not None:   # e.g. pretrained ViT weights (--vit_weights)
+            init_params = self.params_hook(init_params)
         server, clients = alg.init(init_params, init_state, self.num_clients)
         self._announce(init_params, init_state)
         self._reads_server = self._eval_reads_server(server, clients)
@@ -319,8 +387,8 @@ class Engine:
             rows = jnp.asarray(cohort)
             data = ClientData(self.train[0][rows], self.train[1][rows])
             cohort_clients = index(clients, rows)
-            new_clients, uploads, stats = self.executor(
-                self._client_fn, server, (cohort_clients, data, schedule, keys), trains=True)
+            new_clients, uploads, stats = self._train_cohort(
+                server, (cohort_clients, data, schedule, keys), cohort)
             self._check_finite(r, cohort, stats, uploads)
             if len(set(cohort.tolist())) < len(cohort):
                 # Drawn with replacement: as in the reference (spec 3.1), a client drawn
@@ -338,18 +406,18 @@ class Engine:
             jax.block_until_ready((server, clients))
             t1 = time.perf_counter()
 
-            senders = (float(jnp.sum(stats["uploaded"])) if "uploaded" in stats
-                       else len(cohort))
             record = {"round": r, "cohort": [int(c) for c in cohort],
                       "train_seconds": t1 - t0,
-                      "up_bytes": int(round(senders)) * tree_bytes(index(sent, 0)),
-                      "down_bytes": int(round(float(jnp.sum(stats["downloaded"]))))
-                      * tree_bytes(down_tree)}
+                      **self._bytes(cohort, sent, stats, down_tree, old_server)}
             record.update(_phase_means(stats["phase"], self.task.model.is_deq))
             # Every round is logged (bytes, seconds, solver counts); accuracy and
             # evaluation fields only in the rounds that were evaluated.
             postfix = {}
-            if r % cfg.eval_every == 0 or r == cfg.num_rounds:
+            if (r % cfg.eval_every == 0 or r == cfg.num_rounds) and self._global_eval:
+                record.update(self.evaluate_global(server, eval_rng))
+                record["eval_seconds"] = time.perf_counter() - t1
+                postfix = {"test_acc": f"{record['test_acc']:.4f}"}
+            elif r % cfg.eval_every == 0 or r == cfg.num_rounds:
                 train_every = cfg.eval_train_every  # 0: never (accuracy logged as NaN)
                 with_train = bool(train_every) and (r % train_every == 0
                                                     or r == cfg.num_rounds)
@@ -456,6 +524,48 @@ class Engine:
         if self.run_dir:
             self.run_dir.write_summary(summary)
         return summary
+
+
+def _owned_bytes(sent: dict) -> jnp.ndarray:
+    """Per client, the bytes of the entries its ownership masks mark as owned."""
+    rest, masks = split_owned(sent)
+    sizes = jax.tree.map(
+        lambda leaf, m: jnp.sum(jnp.broadcast_to(
+            m.reshape(m.shape + (1,) * (leaf.ndim - m.ndim)) if m.ndim < leaf.ndim else m,
+            leaf.shape).reshape(leaf.shape[0], -1), axis=1) * leaf.dtype.itemsize,
+        rest, masks)
+    return sum(jax.tree.leaves(sizes))
+
+
+def _global_batches(split: ClientSplit, batch: int, drop_last: bool):
+    """The pooled test set as (batches, batch, ...); InCo's loader drops the last partial
+    batch of 512 (inco_spec 3.4): 9,728 of CIFAR-10's 10,000 images are scored."""
+    n = split.n
+    usable = (n // batch) * batch if drop_last else n
+    if usable == 0:
+        raise ValueError(f"the pooled test set has {n} examples, fewer than one batch of "
+                         f"{batch}; pass --noglobal_eval_drop_last or a smaller batch")
+    x, y = split.x[:usable], split.y[:usable]
+    pad = (-usable) % batch
+    mask = np.concatenate([np.ones(usable, bool), np.zeros(pad, bool)])
+    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+    y = np.concatenate([y, np.zeros((pad,) + y.shape[1:], y.dtype)])
+    shape = lambda a: a.reshape((-1, batch) + a.shape[1:])
+    return (jnp.asarray(shape(x)), (jnp.asarray(shape(y)), jnp.asarray(shape(mask))))
+
+
+def _score_batches(task, params, state, rng, x, labels):
+    """(correct, summed loss, count) of an evaluation-mode pass over batches."""
+    y, mask = labels
+
+    def one(batch):
+        bx, by, bm = batch
+        out, _ = task.apply(params, state, rng, bx, False)
+        sums = task.eval_sums(out.logits, by, bm, bx)
+        return sums["correct"], sums["loss"], sums["count"]
+
+    correct, loss, count = jax.lax.map(one, (x, y, mask))
+    return jnp.sum(correct), jnp.sum(loss), jnp.sum(count)
 
 
 def _last_draw(cohort: np.ndarray) -> np.ndarray:

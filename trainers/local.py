@@ -24,15 +24,22 @@ from jax import lax
 
 from deq.fixed_point import PROBE_SIZE
 from models.base import HEAD_MARKER
+from trainers.optimizers import OptimizerSpec, as_optimizer
 from utils.pytree import merge
+
+AUGMENT_STREAM = 0x0A06  # folded into a step's key for the augmentation's draws
 
 PHASE_STATS = ("steps", "loss", "fwd_iters", "fwd_residual", "bwd_steps", "bwd_iters",
                "bwd_residual", "fwd_solves", "fwd_unconverged", "bwd_solves",
                "bwd_unconverged")
 
-# penalty(trainable, penalty_args, x, mask): the batch is there for penalties that are
-# scaled by it (text FeDEQ divides its ADMM terms by the batch's token count).
-Penalty = Callable[[dict, Any, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+# penalty(trainable, penalty_args, x, mask, out): the batch is there for penalties that are
+# scaled by it (text FeDEQ divides its ADMM terms by the batch's token count), the
+# model's output for those that compare representations (MOON).
+Penalty = Callable[[dict, Any, jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]
+# correction(trainable, correction_args) -> trainable, applied after every optimiser
+# step (SCAFFOLD's control-variate step, which bypasses the optimiser).
+Correction = Callable[[dict, Any], dict]
 
 
 class ClientData(NamedTuple):
@@ -65,20 +72,27 @@ def reaches_solver(trainable: dict) -> bool:
     return any(HEAD_MARKER not in name for name in trainable)
 
 
-def _make_step(task: Any, lr: float, penalty: Penalty | None, backward_stats: bool = True
+def _make_step(task: Any, optimizer: OptimizerSpec | float, penalty: Penalty | None,
+               backward_stats: bool = True, correction: Correction | None = None
                ) -> Callable:
-    """One SGD step (the reference's optax.sgd(lr)) on `trainable`, `frozen` held fixed.
+    """One optimiser step (a bare lr: the reference's optax.sgd(lr)) on `trainable`,
+    `frozen` held fixed.
 
     `backward_stats`: differentiate the solver probe to report the backward solve's
-    statistics; False for head-only phases, where no gradient reaches the solve."""
-    optimizer = optax.sgd(lr)
+    statistics; False for head-only phases, where no gradient reaches the solve.
+    The task's augmentation (if any) draws from a key of its own, so the dropout key
+    and hence every model without augmentation are unchanged."""
+    optimizer = as_optimizer(optimizer).build()
+    augment = getattr(task, "augment", None)
 
     def objective(tr, probe, st, frozen, penalty_args, x, y, m, key):
+        if augment is not None:
+            x = augment(jax.random.fold_in(key, AUGMENT_STREAM), x)
         out, new_st = task.apply(merge(frozen, tr), st, key, x, True, probe)
         loss = task.loss(out.logits, y, m, x)
         total = loss + task.l2(tr)
         if penalty is not None:
-            total = total + penalty(tr, penalty_args, x, m)
+            total = total + penalty(tr, penalty_args, x, m, out)
         return total, (new_st, loss, out.solver_stats)
 
     if backward_stats:
@@ -95,6 +109,8 @@ def _make_step(task: Any, lr: float, penalty: Penalty | None, backward_stats: bo
             tr, jnp.zeros((PROBE_SIZE,), jnp.float32), st, frozen, penalty_args, x, y, m, key)
         updates, opt_state = optimizer.update(g, opt_state, tr)
         tr = optax.apply_updates(tr, updates)
+        if correction is not None:
+            tr = correction(tr, penalty_args)
         # Backward statistics exist only where gradients went through a solve.
         solved = (g_probe[0] != 0).astype(jnp.float32)
         row = jnp.stack([1.0, loss, stats.fwd_iters, stats.fwd_residual, solved,
@@ -106,32 +122,33 @@ def _make_step(task: Any, lr: float, penalty: Penalty | None, backward_stats: bo
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_step(task: Any, lr: float, penalty: Penalty | None, backward_stats: bool
-                 ) -> Callable:
-    return jax.jit(_make_step(task, lr, penalty, backward_stats))
+def _jitted_step(task: Any, optimizer: OptimizerSpec, penalty: Penalty | None,
+                 backward_stats: bool, correction: Correction | None) -> Callable:
+    return jax.jit(_make_step(task, optimizer, penalty, backward_stats, correction))
 
 
-def sgd_phase(task: Any, lr: float, trainable: dict, frozen: dict, state: dict,
-              data: ClientData, schedule: Schedule, rng: jax.Array,
-              penalty: Penalty | None = None, penalty_args: Any = None
-              ) -> tuple[dict, dict, jnp.ndarray]:
-    """SGD over the schedule on the task loss (+ l2 + `penalty(trainable, penalty_args, x,
-    mask)` on each batch).
+def sgd_phase(task: Any, optimizer: OptimizerSpec | float, trainable: dict, frozen: dict,
+              state: dict, data: ClientData, schedule: Schedule, rng: jax.Array,
+              penalty: Penalty | None = None, penalty_args: Any = None,
+              correction: Correction | None = None) -> tuple[dict, dict, jnp.ndarray]:
+    """Optimiser steps over the schedule on the task loss (+ l2 + `penalty(trainable,
+    penalty_args, x, mask, output)` on each batch), `correction(trainable,
+    penalty_args)` after each step; a fresh optimiser state for the phase.
 
-    `penalty` must be a module-level function (it keys the compiled step); whatever it
-    depends on travels in `penalty_args`. Returns the new trainable params, the new model
-    state, and a vector of sums in `PHASE_STATS` order (real steps, loss, forward solver
-    iterations and residual, steps with a backward solve, backward iterations and
+    `penalty` and `correction` must be stable functions (they key the compiled step);
+    whatever they depend on travels in `penalty_args`. Returns the new trainable params,
+    the new model state, and a vector of sums in `PHASE_STATS` order (real steps, loss,
+    forward solver iterations and residual, steps with a backward solve, backward iterations and
     residual, example solves, forward and backward solves that missed their tolerance).
     """
-    optimizer = optax.sgd(lr)
-    opt_state = optimizer.init(trainable)
+    optimizer = as_optimizer(optimizer)
+    opt_state = optimizer.build().init(trainable)
     batch = schedule.idx.shape[-1]
     sums = jnp.zeros((len(PHASE_STATS),), jnp.float32)
     backward_stats = reaches_solver(trainable)
 
     if not isinstance(schedule.mask, jax.core.Tracer):
-        step = _jitted_step(task, lr, penalty, backward_stats)
+        step = _jitted_step(task, optimizer, penalty, backward_stats, correction)
         idx = np.asarray(schedule.idx).reshape(-1, batch)
         mask = np.asarray(schedule.mask).reshape(-1, batch)
         rows = []
@@ -142,7 +159,7 @@ def sgd_phase(task: Any, lr: float, trainable: dict, frozen: dict, state: dict,
             rows.append(row)
         return trainable, state, (jnp.sum(jnp.stack(rows), 0) if rows else sums)
 
-    step = _make_step(task, lr, penalty, backward_stats)
+    step = _make_step(task, optimizer, penalty, backward_stats, correction)
     idx = schedule.idx.reshape(-1, batch)
     mask = schedule.mask.reshape(-1, batch)
 

@@ -6,7 +6,7 @@ trainer name (which it then rejects); `fedeq_text` is the design's name for `fed
 """
 
 ALGORITHM_NAMES = ("fedavg", "fedeq", "finetune", "local", "ditto", "fedrep", "fedper",
-                   "knnper")
+                   "knnper", "fedprox", "scaffold", "fednova", "moon")
 
 TRAINER_ALIASES: dict[str, tuple[str, str]] = {
     "fedeq_vision": ("fedeq", "vision"), "fedeq_text": ("fedeq", "text")}
@@ -14,6 +14,15 @@ for _algo in ALGORITHM_NAMES:
     TRAINER_ALIASES[_algo] = (_algo, "vision")
     TRAINER_ALIASES[f"{_algo}_resnet"] = (_algo, "vision")
     TRAINER_ALIASES[f"{_algo}_seq"] = (_algo, "text")
+# InCo's methods (inco_spec 9): a FedAvg-family algorithm on sub-models of one server
+# model, averaged over owners (Hetero*) and then mixed across layers (InCo*).
+SUBMODEL_TRAINERS: dict[str, tuple[str, bool]] = {}
+for _algo, _suffix in (("fedavg", "avg"), ("fedprox", "prox"), ("scaffold", "scaffold"),
+                       ("fednova", "nova"), ("moon", "moon")):
+    SUBMODEL_TRAINERS[f"hetero{_suffix}"] = (_algo, False)
+    SUBMODEL_TRAINERS[f"inco{_suffix}"] = (_algo, True)
+    for _name in (f"hetero{_suffix}", f"inco{_suffix}"):
+        TRAINER_ALIASES[_name] = (_algo, "vision")
 TRAINERS = tuple(TRAINER_ALIASES)
 
 

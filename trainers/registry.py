@@ -1,17 +1,21 @@
 """Trainer names (the reference's and ours) -> algorithm, task family, and construction."""
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from trainers.algorithms.base import Algorithm, HParams
 from trainers.algorithms.ditto import Ditto
 from trainers.algorithms.fedavg import FedAvg
 from trainers.algorithms.fedeq import FedEQ, FedEQConfig
+from trainers.algorithms.fednova import FedNova
 from trainers.algorithms.fedper import FedPer
+from trainers.algorithms.fedprox import FedProx
 from trainers.algorithms.fedrep import FedRep
 from trainers.algorithms.finetune import Finetune
 from trainers.algorithms.knnper import KNNPer
 from trainers.algorithms.local import Local
+from trainers.algorithms.moon import MOON
+from trainers.algorithms.scaffold import Scaffold
 from trainers.names import ALGORITHM_NAMES, TRAINER_ALIASES, TRAINERS
 
 
@@ -47,11 +51,15 @@ class AlgorithmOptions:
     num_rounds: int = 400            # Finetune switches at finetune_frac * num_rounds
     knn_lam: float = 0.5
     knn_neighbors: int = 10
+    prox_mu: float = 0.1             # FedProx (InCo's mu/2 = 0.05; NIID-Bench's 0.001)
+    moon_mu: float = 0.001           # MOON (NIID-Bench's shared --mu; InCo gives none)
+    moon_temperature: float = 0.5
 
 
 _ALGORITHMS: dict[str, type] = {
     "fedavg": FedAvg, "fedeq": FedEQ, "finetune": Finetune, "local": Local, "ditto": Ditto,
-    "fedrep": FedRep, "fedper": FedPer, "knnper": KNNPer,
+    "fedrep": FedRep, "fedper": FedPer, "knnper": KNNPer, "fedprox": FedProx,
+    "scaffold": Scaffold, "fednova": FedNova, "moon": MOON,
 }
 assert set(_ALGORITHMS) == set(ALGORITHM_NAMES)
 
@@ -64,29 +72,10 @@ def resolve_trainer(name: str) -> TrainerEntry:
 
 
 def build_algorithm(trainer: str, task: Any, hp: HParams,
-                    options: AlgorithmOptions = AlgorithmOptions()) -> Algorithm:
-    """The algorithm behind a trainer name, with the settings in which the reference's
-    vision and text trainers differ taken from the family (`TextOptions`)."""
+                    options: AlgorithmOptions = AlgorithmOptions(), **kwargs: Any) -> Algorithm:
+    """The algorithm behind a trainer name, built from its own options; for the text
+    trainers with the settings in which the reference's text and vision trainers differ
+    (`TextOptions`). `kwargs` reach FedAvg-family constructors (server `transforms`)."""
     entry = resolve_trainer(trainer)
-    cls = entry.algorithm
     text = options.text if entry.family == "text" else None
-    uniform = text is not None and text.uniform_average
-    if cls is FedEQ:
-        cfg = options.fedeq
-        if text is not None:
-            cfg = replace(cfg, lam_init=options.lam_admm,
-                          admm_scale="tokens" if text.admm_per_token else "none")
-        return FedEQ(task, hp, cfg, weighted=not uniform)
-    if cls is FedAvg:
-        return FedAvg(task, hp, with_replacement=text is not None
-                      and text.sample_with_replacement)
-    if cls is Finetune:
-        return Finetune(task, hp, options.finetune_frac * options.num_rounds)
-    if cls is Ditto:
-        return Ditto(task, hp, options.ditto_lambda, options.ditto_reference_start)
-    if cls is KNNPer:
-        return KNNPer(task, hp, options.knn_lam, options.knn_neighbors,
-                      skip_padding=text is not None and text.acc_ignores_padding)
-    if cls is FedPer:
-        return FedPer(task, hp, weighted=not uniform)
-    return cls(task, hp)
+    return entry.algorithm.from_options(task, hp, options, text, **kwargs)

@@ -8,15 +8,22 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
+from data.augment import make_augmentation
+from data.inco import INCO_DATASETS, inco_augmentation, inco_stats
 from data.registry import load_dataset
 from deq.config import SolverConfig
-from models.registry import build_model
+from models.registry import build_model, submodel_family
+from models.vit import VIT_SPLITS, load_vit_weights
 from trainers.algorithms.base import HParams
 from trainers.algorithms.fedeq import FedEQConfig
 from trainers.engine import Engine, RunConfig
+from trainers.names import SUBMODEL_TRAINERS
 from trainers.registry import AlgorithmOptions, TextOptions, build_algorithm, resolve_trainer
+from trainers.server_transforms import InCoConfig
+from trainers.submodel_setup import build_submodel_federation, submodel_lines
 from trainers.task import make_task
 from utils.rundir import RunDir
 
@@ -47,7 +54,12 @@ class RunRequest:
     options: AlgorithmOptions
     l2_reg: float
     flags: dict
-    data_kwargs: dict = field(default_factory=dict)  # labels per client, data source
+    data_kwargs: dict = field(default_factory=dict)  # labels per client, source, partition
+    submodels: tuple[str, ...] = ()   # InCo: the tiers' models, server last; () otherwise
+    inco: InCoConfig = InCoConfig()
+    augment: str = "none"
+    model_kwargs: dict = field(default_factory=dict)  # ViT patch and image size
+    vit_weights: str | None = None
     repeat_mode: str = "in_process"
     argv: tuple[str, ...] = ()  # the command line, rerun per repeat in "subprocess" mode
 
@@ -90,6 +102,23 @@ class RunRequest:
                f"--finetune_frac must be in [0, 1], got {f.finetune_frac}")
         _check(f.knn_neighbors >= 1, f"--knn_neighbors must be >= 1, got {f.knn_neighbors}")
         _check(0 <= f.knn_lam <= 1, f"--knn_lam must be in [0, 1], got {f.knn_lam}")
+        submodels = _submodels(f, model, f.trainer)
+        partition = f.partition or ("hetero-fixed" if submodels else "shards")
+        vit = (submodels[-1] if submodels else model) in VIT_SPLITS
+        optimizer = f.optimizer or ("adam" if submodels and not vit else "sgd")
+        momentum = f.momentum if f.momentum is not None else (0.9 if vit else 0.0)
+        weight_decay = f.weight_decay if f.weight_decay is not None else (1e-5 if vit else 0.0)
+        augment = f.augment
+        if augment == "auto":
+            augment = inco_augmentation(dataset) if partition != "shards" else "none"
+        if vit and f.augment == "auto":
+            augment = "none"  # InCo's ViT pipeline (RandomResizedCrop to 224) is not built
+        _check(f.inco_clamp_max > 0, "--inco_clamp_max must be > 0")
+        _check(f.inco_clip >= 0, "--inco_clip must be >= 0 (0: no clip)")
+        _check(f.prox_mu >= 0, "--prox_mu must be >= 0")
+        _check(f.moon_mu >= 0, "--moon_mu must be >= 0")
+        _check(f.moon_temperature > 0, "--moon_temperature must be > 0")
+        _check(f.alpha > 0, "--alpha must be > 0")
         # The flags main.py defines (absl's own logging flags are left out).
         flag_values = {fl.name: fl.value
                        for fl in f.get_key_flags_for_module(sys.modules["__main__"])}
@@ -104,10 +133,12 @@ class RunRequest:
                           executor=f.executor or "", eval_chunk=f.eval_chunk, quiet=f.quiet,
                           checkpoint_every=f.checkpoint_every, upload_dtype=f.upload_dtype,
                           rescore_unchanged=f.rescore_unchanged,
-                          reference_losses=f.reference_losses),
+                          reference_losses=f.reference_losses,
+                          global_eval_drop_last=f.global_eval_drop_last),
             hp=HParams(lr=f.learning_rate, local_epochs=f.inner_epochs,
                        personal_epochs=f.personalized_epochs,
-                       weighted=not f.unweighted_updates),
+                       weighted=not f.unweighted_updates, optimizer=optimizer,
+                       momentum=momentum, weight_decay=weight_decay),
             solver=SolverConfig(fwd_solver=f.fwd_solver, bwd_solver=f.bwd_solver,
                                 fast_conv=f.fast_conv, anderson_impl=f.anderson_impl),
             options=AlgorithmOptions(
@@ -117,6 +148,7 @@ class RunRequest:
                 ditto_lambda=ditto_lambda, ditto_reference_start=f.ditto_reference_start,
                 finetune_frac=f.finetune_frac, num_rounds=rounds,
                 knn_lam=f.knn_lam, knn_neighbors=f.knn_neighbors, lam_admm=f.lam_admm,
+                prox_mu=f.prox_mu, moon_mu=f.moon_mu, moon_temperature=f.moon_temperature,
                 text=TextOptions(
                     sample_with_replacement=f.text_sample_with_replacement,
                     uniform_average=f.text_uniform_average,
@@ -127,16 +159,55 @@ class RunRequest:
             flags={**flag_values, "model": model, "num_clients": num_clients,
                    "num_rounds": rounds},
             data_kwargs={"labels_per_client": f.labels_per_client,
-                         "source": "tfds" if f.data_source == "tfds" else "pickle"},
+                         "source": "tfds" if f.data_source == "tfds" else "pickle",
+                         "partition": partition, "alpha": f.alpha,
+                         "partition_file": f.partition_file},
+            submodels=submodels,
+            inco=InCoConfig(mode=f.inco_mode, clamp_max=f.inco_clamp_max,
+                            clip=f.inco_clip or None),
+            augment=augment,
+            model_kwargs={"vit_patch_size": f.vit_patch_size,
+                          "vit_image_size": f.vit_image_size},
+            vit_weights=f.vit_weights,
             repeat_mode=f.repeat_mode, argv=tuple(sys.argv),
         )
 
 
 
 
+def _submodels(f: Any, model: str, trainer: str) -> tuple[str, ...]:
+    """InCo's tiers: --submodels, or the family of the (server) model."""
+    if trainer not in SUBMODEL_TRAINERS:
+        _check(not f.submodels, f"--submodels is for InCo's trainers "
+               f"({', '.join(SUBMODEL_TRAINERS)}), not --trainer {trainer}")
+        return ()
+    if f.submodels:
+        names = tuple(n.strip() for n in f.submodels.split(",") if n.strip())
+    else:
+        names = submodel_family(model) or ()
+    _check(bool(names), f"--trainer {trainer} needs sub-models: pass --model resnet26 or "
+           f"vit_s12 (a family's server model) or --submodels")
+    family = submodel_family(names[-1])
+    for name in names:
+        _check(family is not None and name in family,
+               f"--submodels {','.join(names)}: {name} is not a sub-model of {names[-1]}; "
+               f"allowed: {', '.join(family or ('resnet10..resnet26', 'vit_s8..vit_s12'))}")
+    _check(list(names) == sorted(names, key=family.index),
+           f"--submodels must go from the smallest model to the server model; got "
+           f"{','.join(names)}")
+    return names
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _augmentation(req: RunRequest) -> Any:
+    if req.augment == "none":
+        return None
+    mean, std = inco_stats(req.dataset) if req.dataset in INCO_DATASETS else ((0.0,), (1.0,))
+    return make_augmentation(req.augment, mean, std)
 
 
 def build_engine(req: RunRequest, seed: int, run_dir: RunDir | None) -> Engine:
@@ -145,14 +216,31 @@ def build_engine(req: RunRequest, seed: int, run_dir: RunDir | None) -> Engine:
     if run_dir is not None and data.partition is not None:
         run_dir.write_partition(data.partition)  # the clients this seed drew, kept with the run
     text = req.options.text
-    model = build_model(req.model, num_classes=data.num_classes,
-                        input_shape=data.input_shape, solver=req.solver,
-                        dropout_at_eval=text.eval_dropout)
-    task = make_task(data.task, model, req.l2_reg, text.acc_ignores_padding)
-    algorithm = build_algorithm(req.trainer, task, req.hp, req.options)
+    augment = _augmentation(req)
+
+    def task_for(name: str):
+        model = build_model(name, num_classes=data.num_classes,
+                            input_shape=data.input_shape, solver=req.solver,
+                            dropout_at_eval=text.eval_dropout, **req.model_kwargs)
+        return make_task(data.task, model, req.l2_reg, text.acc_ignores_padding, augment)
+
+    if req.submodels:
+        tasks = [task_for(name) for name in req.submodels]
+        task = tasks[-1]
+        algorithm = build_submodel_federation(
+            req.trainer, req.submodels, tasks, req.hp, req.options, req.inco,
+            data.num_clients, jnp.asarray(data.train[0].x[:2]))
+        print(submodel_lines(algorithm, data.input_shape), flush=True)
+    else:
+        task = task_for(req.model)
+        algorithm = build_algorithm(req.trainer, task, req.hp, req.options)
     settings = {k: v for k, v in req.flags.items() if k not in _RESUMABLE_CHANGES}
-    return Engine(data, task, algorithm, replace(req.run, seed=seed), run_dir,
-                  settings={**settings, "seed": seed})
+    engine = Engine(data, task, algorithm, replace(req.run, seed=seed), run_dir,
+                    settings={**settings, "seed": seed})
+    if req.vit_weights:
+        path = req.vit_weights
+        engine.params_hook = lambda params: load_vit_weights(path, params)
+    return engine
 
 
 class RepeatFailed(RuntimeError):

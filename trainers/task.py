@@ -7,6 +7,7 @@ and `l2`; `mask` marks the real examples of a padded batch and `x` is the batch'
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,12 @@ class _ModelTask:
 
 @dataclass(frozen=True)
 class ClassificationTask(_ModelTask):
-    """Softmax cross-entropy on integer labels; accuracy pooled over examples."""
+    """Softmax cross-entropy on integer labels; accuracy pooled over examples.
+
+    `augment(key, x) -> x`: applied to every training batch on device (InCo's crop,
+    flip and Cutout, data/augment.py); None for the FeDEQ reference's datasets."""
+
+    augment: Any = None
 
     def loss(self, logits: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray,
              x: jnp.ndarray | None = None) -> jnp.ndarray:
@@ -119,10 +125,11 @@ class TextTask(_ModelTask):
 
 
 def make_task(kind: str, model: ModelSpec, l2_reg: float = 0.0,
-              acc_ignores_padding: bool = False) -> ClassificationTask | TextTask:
+              acc_ignores_padding: bool = False, augment: Any = None
+              ) -> ClassificationTask | TextTask:
     """The task for a dataset's `FederatedData.task` ("classification" or "text")."""
     if kind == "text":
         return TextTask(model, l2_reg, acc_ignores_padding)
     if kind == "classification":
-        return ClassificationTask(model, l2_reg)
+        return ClassificationTask(model, l2_reg, augment=augment)
     raise ValueError(f"unknown task {kind!r}; expected 'classification' or 'text'")

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from trainers.local import ClientData, Schedule, sgd_phase
+from trainers.optimizers import OptimizerSpec
 from utils.pytree import merge, split_head
 
 PyTree = Any
@@ -26,6 +27,13 @@ class HParams:
     local_epochs: int = 5          # E, -le
     personal_epochs: int = 3       # P, -pe
     weighted: bool = True          # aggregation weights proportional to n_i
+    optimizer: str = "sgd"         # sgd (the FeDEQ reference) or adam (InCo's ResNets)
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    @property
+    def optimizer_spec(self) -> OptimizerSpec:
+        return OptimizerSpec(self.optimizer, self.lr, self.momentum, self.weight_decay)
 
 
 class Algorithm:
@@ -71,14 +79,24 @@ class Algorithm:
         self.task = task
         self.hp = hp
 
+    @classmethod
+    def from_options(cls, task: Any, hp: HParams, options: Any, text: Any = None
+                     ) -> "Algorithm":
+        """The algorithm with its settings read from `trainers.registry.AlgorithmOptions`
+        (`text`: the `TextOptions` when it runs a text trainer, else None). Algorithms
+        with settings of their own override this, so the registry never branches on
+        which algorithm it builds."""
+        del options, text
+        return cls(task, hp)
+
     @property
     def streams(self) -> tuple[tuple[int, int], ...]:
         return ((0, self.hp.local_epochs),)
 
     def local_sgd(self, trainable, frozen, state, data: ClientData, schedule: Schedule,
-                  rng, penalty=None, penalty_args=None):
-        return sgd_phase(self.task, self.hp.lr, trainable, frozen, state, data, schedule,
-                         rng, penalty, penalty_args)
+                  rng, penalty=None, penalty_args=None, correction=None):
+        return sgd_phase(self.task, self.hp.optimizer_spec, trainable, frozen, state, data,
+                         schedule, rng, penalty, penalty_args, correction)
 
     def aggregation_weights(self, sizes: jnp.ndarray) -> jnp.ndarray:
         return sizes.astype(jnp.float32) if self.hp.weighted else jnp.ones_like(

@@ -21,10 +21,11 @@ from trainers.algorithms.fedavg import FedAvg
 from utils.pytree import broadcast, tree_sq_norm, tree_sub
 
 
-def proximal(params: dict, args, x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+def proximal(params: dict, args, x: jnp.ndarray, mask: jnp.ndarray, out=None
+             ) -> jnp.ndarray:
     """lambda/2 ||params - anchor||^2, not scaled by the batch: the spec reports the
-    division by the token count for text FeDEQ only."""
-    del x, mask
+    division by the token count for text FeDEQ only. (FedProx's term with lambda = mu.)"""
+    del x, mask, out
     lam, anchor = args
     return 0.5 * lam * tree_sq_norm(tree_sub(params, anchor))
 
@@ -36,6 +37,11 @@ class Ditto(FedAvg):
         super().__init__(task, hp)
         self.lam = lam
         self.reference_start = reference_start
+
+    @classmethod
+    def from_options(cls, task, hp, options, text=None, **kwargs):
+        del text
+        return cls(task, hp, options.ditto_lambda, options.ditto_reference_start)
 
     @property
     def streams(self):

@@ -37,17 +37,17 @@ from utils.pytree import (
 )
 
 
-def augmented_lagrangian(theta: dict, args, x: jnp.ndarray, mask: jnp.ndarray
+def augmented_lagrangian(theta: dict, args, x: jnp.ndarray, mask: jnp.ndarray, out=None
                          ) -> jnp.ndarray:
     """<lambda_i, theta_i - theta> + rho/2 ||theta_i - theta||^2 over every shared leaf."""
-    del x, mask
+    del x, mask, out
     lam, anchor, rho = args
     diff = tree_sub(theta, anchor)
     return tree_vdot(lam, diff) + 0.5 * rho * tree_sq_norm(diff)
 
 
-def augmented_lagrangian_per_token(theta: dict, args, x: jnp.ndarray, mask: jnp.ndarray
-                                   ) -> jnp.ndarray:
+def augmented_lagrangian_per_token(theta: dict, args, x: jnp.ndarray, mask: jnp.ndarray,
+                                   out=None) -> jnp.ndarray:
     """The ADMM terms divided by the batch's non-padding input tokens: the text reference
     computes [NLL_sum + ADMM terms] / tokens, and NLL_sum / tokens is the task's loss."""
     tokens = jnp.sum(token_mask(x, mask).astype(jnp.float32))
@@ -81,6 +81,14 @@ class FedEQ(Algorithm):
         uniformly."""
         super().__init__(task, replace(hp, weighted=hp.weighted and weighted))
         self.cfg = cfg
+
+    @classmethod
+    def from_options(cls, task, hp, options, text=None, **kwargs):
+        cfg = options.fedeq
+        if text is not None:
+            cfg = replace(cfg, lam_init=options.lam_admm,
+                          admm_scale="tokens" if text.admm_per_token else "none")
+        return cls(task, hp, cfg, weighted=not (text is not None and text.uniform_average))
 
     @property
     def streams(self):

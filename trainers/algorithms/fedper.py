@@ -16,6 +16,11 @@ class FedPer(FedRep):
     def __init__(self, task, hp: HParams, weighted: bool = True):
         super().__init__(task, hp, weighted)
 
+    @classmethod
+    def from_options(cls, task, hp, options, text=None, **kwargs):
+        # The text reference's FedPer averages uniformly, as its FeDEQ does.
+        return cls(task, hp, weighted=not (text is not None and text.uniform_average))
+
     def second_phase(self, body, head, state, data, schedule, rng):
         params, state, sums = self.local_sgd(merge(body, head), {}, state, data, schedule, rng)
         body, head = split_head(params)

@@ -24,6 +24,11 @@ class Finetune(FedAvg):
         super().__init__(task, hp)
         self.global_rounds = float(global_rounds)
 
+    @classmethod
+    def from_options(cls, task, hp, options, text=None, **kwargs):
+        del text
+        return cls(task, hp, options.finetune_frac * options.num_rounds)
+
     @property
     def resume_settings(self) -> dict[str, float]:
         # The switch depends on --num_rounds, which a resumed run may otherwise change.

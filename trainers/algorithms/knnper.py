@@ -54,6 +54,11 @@ class KNNPer(FedAvg):
         self.neighbors = neighbors
         self.skip_padding = skip_padding
 
+    @classmethod
+    def from_options(cls, task, hp, options, text=None, **kwargs):
+        return cls(task, hp, options.knn_lam, options.knn_neighbors,
+                   skip_padding=text is not None and text.acc_ignores_padding)
+
     def _positions(self, x: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
         """Which labels of a padded chunk are datastore entries or queries."""
         if self.skip_padding:

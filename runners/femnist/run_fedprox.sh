@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# FedProx on femnist (a baseline beside FeDEQ; NIID-Bench's definition, docs/inco_spec section 6):
+# the dataset's reference settings (main.sh) with resnet20.
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+exec bash "$here/main.sh" --trainer fedprox_resnet --model resnet20 --prox_mu 0.1 "$@"

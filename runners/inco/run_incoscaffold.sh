@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# InCoScaffold (InCo Aggregation, Table 2): see main.sh for the settings.
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+exec bash "$here/main.sh" --trainer incoscaffold "$@"

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# MOON on Shakespeare (a baseline beside FeDEQ; NIID-Bench's definition, docs/inco_spec
+# section 6): the dataset's reference settings (main.sh) with Transformer-8.
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+exec bash "$here/main.sh" --trainer moon_seq --model transformer8 --moon_mu 0.001 --moon_temperature 0.5 "$@"
