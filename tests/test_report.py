@@ -54,3 +54,23 @@ def test_not_a_run_directory_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main([str(tmp_path)])
     assert "flags.json" in capsys.readouterr().err
+
+
+def test_inco_runs_get_the_table2_layout_and_per_group_curves(tmp_path):
+    for trainer, finals in (("heteroavg", (0.5, 0.7)), ("incoavg", (0.6, 0.8))):
+        path = tmp_path / trainer
+        path.mkdir()
+        (path / "flags.json").write_text(json.dumps(
+            {"trainer": trainer, "dataset": "cifar10", "alpha": 0.5, "model": "resnet26",
+             "num_clients": 100, "clients_per_round": 0.1}))
+        records = [{"round": r, "test_acc": float(np.mean(accs)), "up_bytes": 1, "down_bytes": 1,
+                    "test_acc_tiers": {"resnet10": accs[0], "resnet26": accs[1]}}
+                   for r, accs in enumerate([(0.1, 0.2), finals])]
+        (path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path / "heteroavg"), str(tmp_path / "incoavg"),
+                        "--out", str(out)]) == 0
+    rows = (out / "table2.md").read_text().splitlines()
+    assert rows[0] == "| method | cifar10 0.5 (resnet26) |"
+    assert rows[2].startswith("| HeteroAvg | 60.0 ± 0.0") and rows[3].startswith("| InCoAvg | 70.0")
+    assert (out / "accuracy_per_group.png").read_bytes()[:4] == b"\x89PNG"

@@ -118,8 +118,10 @@ class Engine:
         self.batcher = Batcher(self.sizes, cfg.batch_size)
         x, y, m = _pad_clients(data.train, cfg.eval_chunk)
         self.train = (jnp.asarray(x), jnp.asarray(y), jnp.asarray(m))
-        x, y, m = _pad_clients(data.test, cfg.eval_chunk)
-        self.test = (jnp.asarray(x), jnp.asarray(y), jnp.asarray(m))
+        self._global_eval = hasattr(algorithm, "server_models") and data.global_test is not None
+        # Scored on the pooled test set only (InCo): no per-client test arrays are kept.
+        self.test = None if self._global_eval else tuple(
+            jnp.asarray(a) for a in _pad_clients(data.test, cfg.eval_chunk))
         self._client_fn = lambda server, c: algorithm.client_update(server, *c)
         self.params_hook = None
         self._eval_fns = {True: self._make_eval_fn(True), False: self._make_eval_fn(False)}
@@ -131,12 +133,14 @@ class Engine:
                          else jax.jit(lambda t: cast_floats(t, wire)))
         self._from_wire = ((lambda sent, like: sent) if wire == jnp.float32 else jax.jit(
             lambda sent, like: jax.tree.map(lambda s, o: s.astype(o.dtype), sent, like)))
+        # The old tree is donated: per-client state can be as large as the model times the
+        # clients (SCAFFOLD's variates, MOON's previous models), and is never read again.
         self._scatter = jax.jit(
-            lambda tree, rows, new: jax.tree.map(lambda a, b: a.at[rows].set(b), tree, new))
+            lambda tree, rows, new: jax.tree.map(lambda a, b: a.at[rows].set(b), tree, new),
+            donate_argnums=0)
         # Sub-model federations run each tier's clients with that tier's function and
         # are scored per tier on the pooled test set (InCo).
         self._tiered = hasattr(algorithm, "tier_client_fn")
-        self._global_eval = hasattr(algorithm, "server_models") and data.global_test is not None
         if self._global_eval:
             self._global_test = _global_batches(data.global_test, cfg.global_eval_batch,
                                                 cfg.global_eval_drop_last)
@@ -274,18 +278,20 @@ class Engine:
     def evaluate_global(self, server, rng) -> dict[str, Any]:
         """Every tier's sub-model of the server on the pooled test set (inco_spec 7): the
         reported accuracy and loss are the means over tiers; per tier in `*_tiers`."""
-        acc, loss = {}, {}
+        acc, loss, seconds = {}, {}, {}
         x, y = self._global_test
         for k, (name, task, params, state) in enumerate(self.alg.server_models(server)):
+            start = time.perf_counter()
             if k not in self._global_scorers:
                 self._global_scorers[k] = jax.jit(functools.partial(_score_batches, task))
             correct, total, count = (float(v) for v in
                                      self._global_scorers[k](params, state, rng, x, y))
             acc[name], loss[name] = correct / max(count, 1.0), total / max(count, 1.0)
+            seconds[name] = time.perf_counter() - start
         return {"test_acc": float(np.mean(list(acc.values()))),
                 "test_loss": float(np.mean(list(loss.values()))),
                 "train_acc": float("nan"), "train_loss": float("nan"),
-                "test_acc_tiers": acc, "test_loss_tiers": loss}
+                "test_acc_tiers": acc, "test_loss_tiers": loss, "eval_seconds_tiers": seconds}
 
     # ----------------------------------------------------------------- training
     def _train_cohort(self, server, inputs, cohort: np.ndarray):
@@ -294,12 +300,15 @@ class Engine:
         if not self._tiered:
             return self.executor(self._client_fn, server, inputs, trains=True)
         tiers = self.alg.tier_of[np.asarray(cohort)]
-        parts, order = [], []
+        parts, order, self._tier_seconds = [], [], {}
         for k in np.unique(tiers):
+            start = time.perf_counter()
             rows = np.flatnonzero(tiers == k)
-            parts.append(self.executor(self.alg.tier_client_fn(int(k)), server,
-                                       index(inputs, jnp.asarray(rows)), trains=True))
+            parts.append(jax.block_until_ready(self.executor(
+                self.alg.tier_client_fn(int(k)), server, index(inputs, jnp.asarray(rows)),
+                trains=True)))
             order.append(rows)
+            self._tier_seconds[self.alg.tier_names[k]] = time.perf_counter() - start
         merged = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
         return index(merged, jnp.asarray(np.argsort(np.concatenate(order))))
 
@@ -321,7 +330,8 @@ class Engine:
                 "down_bytes": int(sum(down_per_tier[t] for t in tiers[downloaded])),
                 "up_bytes_tiers": up_tiers,
                 "down_bytes_tiers": {names[k]: int(down_per_tier[k]) for k in np.unique(tiers)},
-                "cohort_tiers": [names[t] for t in tiers]}
+                "cohort_tiers": [names[t] for t in tiers],
+                "train_seconds_tiers": dict(self._tier_seconds)}
 
     def _cohort(self, rs: np.random.RandomState) -> np.ndarray:
         if self.alg.full_participation:  # the reference draws nothing then (spec 3.3)
@@ -515,6 +525,13 @@ class Engine:
             / max(self.cohort_size, 1),
             **self.model_info,
         }
+        if "test_acc_tiers" in last:  # sub-model federations: per tier
+            summary["final_test_acc_tiers"] = last["test_acc_tiers"]
+            tiered = [h for h in history if "up_bytes_tiers" in h]
+            names = {n for h in tiered for n in h["up_bytes_tiers"]}
+            summary["up_bytes_per_client_tiers"] = {
+                n: float(np.mean([h["up_bytes_tiers"][n] for h in tiered
+                                  if n in h["up_bytes_tiers"]])) for n in sorted(names)}
         if "fwd_solves" in last:  # training solves over all rounds
             for key in ("fwd_solves", "fwd_unconverged", "bwd_solves", "bwd_unconverged"):
                 summary[key] = int(sum(h[key] for h in history))

@@ -319,6 +319,10 @@ def summary_lines(s: dict, repeat: int, test: np.ndarray, outdir: str) -> list[s
         f"final train acc   {_accuracy(s['final_train_acc'])}",
         f"final test acc    {_accuracy(s['final_test_acc'])}",
     ]
+    for name, acc in s.get("final_test_acc_tiers", {}).items():
+        up = s.get("up_bytes_per_client_tiers", {}).get(name)
+        lines.append(f"  {name:14s}  test acc {acc:.4f}"
+                     + (f", up {up / 1e6:.2f} MB per client" if up is not None else ""))
     if "unseen_test_acc" in s:
         lines.append(f"unseen test acc   {_accuracy(s['unseen_test_acc'])} "
                      f"(train {_accuracy(s['unseen_train_acc'])})")

@@ -187,6 +187,79 @@ def plot(groups: list[list[Run]], out: Path, title: str) -> list[Path]:
     return written
 
 
+# The paper's Table 2 rows, in its order (inco_spec 9.1).
+TABLE2_METHODS = ("heteroavg", "heteroprox", "heteroscaffold", "heteronova", "heteromoon",
+                  "incoavg", "incoprox", "incoscaffold", "inconova", "incomoon")
+TABLE2_NAMES = dict(zip(TABLE2_METHODS, (
+    "HeteroAvg", "HeteroProx", "HeteroScaffold", "HeteroNova", "HeteroMOON", "InCoAvg",
+    "InCoProx", "InCoScaffold", "InCoNova", "InCoMOON"), strict=True))
+
+
+def _tiered(groups: list[list[Run]]) -> list[list[Run]]:
+    return [runs for runs in groups if runs[0].flags.get("trainer") in TABLE2_METHODS]
+
+
+def table2(groups: list[list[Run]]) -> str:
+    """Markdown in the layout of InCo's Table 2: one row per method, one column per
+    dataset and alpha; mean +- std (%) over repeats of the final mean-over-groups test
+    accuracy, with the rounds run."""
+    cells: dict[str, dict[str, str]] = defaultdict(dict)
+    columns: list[str] = []
+    for runs in _tiered(groups):
+        flags = runs[0].flags
+        column = f"{flags.get('dataset')} {flags.get('alpha')} ({flags.get('model')})"
+        if column not in columns:
+            columns.append(column)
+        mean, std = _mean_std([r.final_test_acc for r in runs])
+        cells[flags["trainer"]][column] = (f"{100 * mean:.1f} ± {100 * std:.1f} "
+                                           f"({len(runs[0].rounds)} rounds)")
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for method in TABLE2_METHODS:
+        if method in cells:
+            lines.append(f"| {TABLE2_NAMES[method]} | "
+                         + " | ".join(cells[method].get(c, "") for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_tiers(groups: list[list[Run]], out: Path) -> list[Path]:
+    """Per-group test accuracy against rounds (one panel per group), InCo's methods dashed
+    beside their Hetero counterparts, and the mean over groups in the last panel."""
+    tiered = [runs[0] for runs in _tiered(groups) if runs[0].evaluated]
+    if not tiered:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(tiered[0].rounds[tiered[0].evaluated[0]]["test_acc_tiers"])
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.2 * (len(names) + 1), 3.2),
+                             dpi=110, sharey=True)
+    for run in tiered:
+        rounds = [run.rounds[i] for i in run.evaluated]
+        x = [r["round"] for r in rounds]
+        style = "--" if run.flags["trainer"].startswith("inco") else "-"
+        label = TABLE2_NAMES[run.flags["trainer"]]
+        for ax, name in zip(axes, names, strict=False):
+            ax.plot(x, [100 * r["test_acc_tiers"].get(name, np.nan) for r in rounds], style,
+                    marker="o", markersize=3, label=label)
+            ax.set_title(name)
+        axes[-1].plot(x, [100 * r["test_acc"] for r in rounds], style, marker="o",
+                      markersize=3, label=label)
+    axes[-1].set_title("mean over groups")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "accuracy_per_group.png"
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return [path]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories")
@@ -202,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     text = table(groups)
     atomic_write(args.out / "table.md", text)
     paths = plot(groups, args.out, args.title)
+    if _tiered(groups):
+        atomic_write(args.out / "table2.md", table2(groups))
+        paths += [args.out / "table2.md", *plot_tiers(groups, args.out)]
     for runs in groups:
         for run in runs:
             name = "rounds_" + "_".join(run.path.parts[-2:] if run.path.name.startswith("run")
