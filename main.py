@@ -12,6 +12,7 @@ import sys
 from absl import app, flags
 
 from data.augment import AUGMENTATIONS
+from data.errors import DataError
 from data.registry import DATASETS, PARTITIONS
 from deq.config import BWD_SOLVERS, FWD_SOLVERS
 from models.registry import MODELS
@@ -195,6 +196,6 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     try:
         app.run(main)
-    except (ValueError, CheckpointError, RepeatFailed) as err:  # what is wrong, what to do
+    except (ValueError, CheckpointError, RepeatFailed, DataError) as err:  # what, and the fix
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -13,7 +13,7 @@ import numpy as np
 
 from data.augment import make_augmentation
 from data.inco import INCO_DATASETS, inco_augmentation, inco_stats
-from data.registry import load_dataset
+from data.registry import dataset_partitions, load_dataset
 from deq.config import SolverConfig
 from models.registry import build_model, submodel_family
 from models.vit import VIT_SPLITS, load_vit_weights
@@ -103,7 +103,8 @@ class RunRequest:
         _check(f.knn_neighbors >= 1, f"--knn_neighbors must be >= 1, got {f.knn_neighbors}")
         _check(0 <= f.knn_lam <= 1, f"--knn_lam must be in [0, 1], got {f.knn_lam}")
         submodels = _submodels(f, model, f.trainer)
-        partition = f.partition or ("hetero-fixed" if submodels else "shards")
+        partition = f.partition or ("hetero-fixed" if submodels
+                                    else dataset_partitions(dataset)[0])
         vit = (submodels[-1] if submodels else model) in VIT_SPLITS
         optimizer = f.optimizer or ("adam" if submodels and not vit else "sgd")
         momentum = f.momentum if f.momentum is not None else (0.9 if vit else 0.0)

@@ -36,8 +36,11 @@ def contrastive_penalty(task):
         z_glob = task.apply(*global_model, key, x, False)[0].embedding
         z_prev = task.apply(*prev_model, key, x, False)[0].embedding
         z_glob, z_prev = jax.lax.stop_gradient((z_glob, z_prev))
-        logits = jnp.stack([_cosine(out.embedding, z_glob), _cosine(out.embedding, z_prev)],
-                           -1) / tau
+        # One vector per example: a sequence model's (T, D) representation is compared
+        # whole (MOON is defined for images; this is our choice for text).
+        z, z_glob, z_prev = (a.reshape(a.shape[0], -1) for a in (out.embedding, z_glob,
+                                                                  z_prev))
+        logits = jnp.stack([_cosine(z, z_glob), _cosine(z, z_prev)], -1) / tau
         ce = optax.softmax_cross_entropy_with_integer_labels(
             logits, jnp.zeros(logits.shape[:1], jnp.int32))
         m = mask.astype(ce.dtype)
