@@ -8,17 +8,13 @@ from a local http.server. The real-data check is marked slow and needs FEDEQ_DAT
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import os
 import pickle
 import sys
 import tarfile
-import threading
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -307,25 +303,6 @@ def test_partition_round_trip_and_rundir(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- download
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # keep pytest output clean
-        pass
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A local http.server over a folder; yields (base URL, folder)."""
-    folder = tmp_path / "www"
-    folder.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/", folder
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _archive(www: Path, tmp: Path, extra_member: str | None = None) -> str:

@@ -9,15 +9,11 @@ the repository) are checked by a slow test.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
-import http.server
 import json
 import os
 import pickle
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -535,24 +531,6 @@ def test_registry_routes_partitions() -> None:
 # ---------------------------------------------------------------------------- downloads
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    folder = tmp_path / "www"
-    folder.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/", folder
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_fmnist_download_checks_md5(tmp_path: Path, served, monkeypatch) -> None:

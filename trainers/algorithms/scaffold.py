@@ -15,7 +15,7 @@ With zero variates and one step this is FedAvg (tested).
 import jax
 import jax.numpy as jnp
 
-from trainers.aggregation import owner_mean, split_owned
+from trainers.aggregation import owner_count, owner_mean, split_owned
 from trainers.algorithms.base import HParams, as_float
 from trainers.algorithms.fedavg import FedAvg
 from utils.pytree import broadcast, tree_add, tree_sub, tree_zeros_like
@@ -59,15 +59,12 @@ class Scaffold(FedAvg):
     def server_update(self, server, uploads, weights):
         new = self.apply_delta(server, self.model_delta(server, uploads, weights))
         sent, owned = split_owned(uploads)
-        ones = jnp.ones_like(weights)
         masks = None if owned is None else owned["control"]
-        mean = owner_mean(sent["control"], ones, masks)       # over the sampled owners
-        senders = (weights.shape[0] if masks is None else
-                   jax.tree.map(lambda m: jnp.sum(m.astype(jnp.float32), 0), masks))
-        population = self.population if self.population is not None else self.num_clients
-        scale = jax.tree.map(lambda s, p: s / jnp.maximum(p, 1.0), senders, population) \
-            if masks is not None \
-            else senders / population
-        step = (jax.tree.map(lambda m, s: m * s, mean, scale) if masks is not None
-                else jax.tree.map(lambda m: m * scale, mean))
+        mean = owner_mean(sent["control"], jnp.ones_like(weights), masks)  # sampled owners
+        senders = owner_count(masks, weights.shape[0])
+        if masks is None:
+            step = jax.tree.map(lambda m: m * (senders / self.num_clients), mean)
+        else:   # per entry: the sampled owners' sum over all of the federation's owners
+            step = jax.tree.map(lambda m, s, p: m * (s / jnp.maximum(p, 1.0)), mean, senders,
+                                self.population)
         return {**new, "control": tree_add(server["control"], step)}
