@@ -47,6 +47,7 @@ from data.download import cifar_folder, download_cifar, how_to_get
 from data.errors import DataError
 from data.federated import ClientSplit, FederatedData, check_frac_unseen, hold_out_unseen
 from data.partition import shard_partition
+from utils.input_error import InputError, input_errors
 
 CIFAR_INPUT_SHAPE = (32, 32, 3)
 _PIXELS = 32 * 32 * 3
@@ -244,17 +245,18 @@ def load_cifar(root: str | os.PathLike, name: str, num_clients: int = 100,
     """
     spec = _spec(name)
     if source not in SOURCES:
-        raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+        raise InputError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
     if int(num_clients) != num_clients or num_clients < 1:
-        raise ValueError(f"num_clients must be a positive integer; got {num_clients!r}")
+        raise InputError(f"num_clients must be a positive integer; got {num_clients!r}")
     check_frac_unseen(frac_unseen)
     if source == "tfds":
         x_train, y_train, x_test, y_test = read_cifar_tfds(root, name)
     else:
         x_train, y_train, x_test, y_test = read_cifar_pickles(root, name, download=download)
-    part = shard_partition(y_train, y_test, num_clients=int(num_clients),
-                           labels_per_client=labels_per_client, seed=seed,
-                           num_classes=spec.num_classes)
+    with input_errors("--num_clients and --labels_per_client: "):  # they do not fit the data
+        part = shard_partition(y_train, y_test, num_clients=int(num_clients),
+                               labels_per_client=labels_per_client, seed=seed,
+                               num_classes=spec.num_classes)
     # Normalise per client, so that only the float32 copies the clients keep are made.
     train = [ClientSplit(normalize(x_train[i], name), y_train[i].astype(np.int32))
              for i in part.train]

@@ -16,6 +16,7 @@ Normalisation (spec 3.2): mean (0.47889522, 0.47227842, 0.43047404), std (0.2420
 
 from __future__ import annotations
 
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,11 +39,20 @@ def cinic_how_to_get(folder: str | os.PathLike) -> str:
             f"{folder}/train/<class>/*.png and {folder}/test/<class>/*.png exist")
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every PNG ends with
+
+
 def _decode(path: Path, how: str) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        raw = path.read_bytes()
+        # Pillow decodes a PNG cut after its pixel data without complaint; a cut file is
+        # still a broken download or copy, so it is refused here.
+        if raw.startswith(_PNG_SIGNATURE) and not raw.endswith(_PNG_END):
+            raise OSError("the file is cut short (it does not end with the IEND chunk)")
+        with Image.open(io.BytesIO(raw)) as img:
             rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ...
         raise DataError(str(path), "a readable PNG image", how,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from utils.input_error import InputError
+
 
 @dataclass
 class ClientSplit:
@@ -91,9 +93,9 @@ def check_frac_unseen(frac_unseen: float) -> float:
     try:
         frac = float(frac_unseen)
     except (TypeError, ValueError):
-        raise ValueError(f"frac_unseen must be a number in [0, 1); got {frac_unseen!r}") from None
+        raise InputError(f"frac_unseen must be a number in [0, 1); got {frac_unseen!r}") from None
     if not 0.0 <= frac < 1.0:  # also rejects NaN
-        raise ValueError(f"frac_unseen must be in [0, 1); got {frac_unseen!r}")
+        raise InputError(f"frac_unseen must be in [0, 1); got {frac_unseen!r}")
     return frac
 
 
@@ -123,7 +125,7 @@ def hold_out_unseen(
     num_unseen = int(frac * k)
     num_seen = k - num_unseen
     if num_seen < 1:
-        raise ValueError(
+        raise InputError(
             f"at least one seen client must remain: {k} clients with frac_unseen={frac} "
             f"leaves {num_seen}; frac_unseen must be in [0, 1) and there must be >= 1 client"
         )

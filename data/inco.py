@@ -71,6 +71,7 @@ from data.svhn import (
     read_svhn,
     svhn_how_to_get,
 )
+from utils.input_error import InputError
 
 INCO_DATASETS: tuple[str, ...] = ("cifar10", "fmnist", "svhn", "cinic10")
 NUM_CLASSES = 10
@@ -99,7 +100,7 @@ DOWNLOAD_TIMEOUT_S = 60.0
 
 def _check_name(name: str) -> str:
     if name not in INCO_DATASETS:
-        raise ValueError(f"unknown InCo dataset {name!r}; choose one of {', '.join(INCO_DATASETS)}")
+        raise InputError(f"unknown InCo dataset {name!r}; choose one of {', '.join(INCO_DATASETS)}")
     return name
 
 
@@ -221,14 +222,14 @@ def prepare_images(name: str, images: np.ndarray, normalise: bool = True) -> np.
 
 def _check_args(partition: str, num_clients: int, alpha: float, seed: int) -> None:
     if partition not in INCO_PARTITIONS:
-        raise ValueError(f"unknown InCo partition {partition!r}; choose one of "
+        raise InputError(f"unknown InCo partition {partition!r}; choose one of "
                          f"{', '.join(INCO_PARTITIONS)}")
     if int(num_clients) != num_clients or num_clients < 1:
-        raise ValueError(f"num_clients must be a positive integer; got {num_clients!r}")
+        raise InputError(f"num_clients must be a positive integer; got {num_clients!r}")
     if int(seed) != seed or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32); got {seed!r}")
+        raise InputError(f"seed must be an integer in [0, 2**32); got {seed!r}")
     if not float(alpha) > 0 or not np.isfinite(float(alpha)):
-        raise ValueError(f"alpha must be a positive number; got {alpha!r}")
+        raise InputError(f"alpha must be a positive number; got {alpha!r}")
 
 
 def load_inco_data(name: str, data_dir: str | os.PathLike, num_clients: int, partition: str,
@@ -256,7 +257,7 @@ def load_inco_data(name: str, data_dir: str | os.PathLike, num_clients: int, par
                             PARTITION_HOW_TO_GET)
         fixed = read_partition_file(partition_file)  # before the (slow) dataset read
     elif partition_file is not None:
-        raise ValueError(f"--partition_file is only read with --partition hetero-fixed; got "
+        raise InputError(f"--partition_file is only read with --partition hetero-fixed; got "
                          f"--partition {partition} and --partition_file {partition_file}")
 
     x_train, y_train, x_test, y_test = read_inco_arrays(name, data_dir, download=download)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from data.errors import DataError
+from utils.input_error import InputError
 
 INCO_PARTITIONS: tuple[str, ...] = ("hetero-fixed", "hetero", "homo")
 
@@ -171,9 +172,11 @@ def read_partition_npy(path: str | os.PathLike) -> dict[int, list[int]]:
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
                 else:
                     raise ValueError(f"unsupported .npy format version {version}")
-            except ValueError as e:
+            except OSError:
+                raise
+            except Exception as e:  # numpy's header parser: ValueError, SyntaxError, TokenError
                 raise _error(path, "a .npy file (format 1.0 or 2.0) holding a pickled dict",
-                             f"an unreadable header ({e})") from e
+                             f"an unreadable header ({type(e).__name__}: {e})") from e
             if shape != () or fortran or dtype != np.dtype(object):
                 raise _error(path, "a .npy file of one pickled object (shape (), dtype object)",
                              f"an array of shape {shape} and dtype {dtype}")
@@ -237,7 +240,13 @@ def check_partition(clients: Mapping[int, Sequence[int]], num_clients: int, n_tr
     if keys != list(range(num_clients)):
         raise _error(path, f"clients numbered 0..{num_clients - 1}",
                      f"client numbers {keys[0]}..{keys[-1]} with gaps")
-    parts = [np.asarray(clients[k], dtype=np.int64).reshape(-1) for k in keys]
+    parts = []
+    for k in keys:
+        try:
+            parts.append(np.asarray(clients[k], dtype=np.int64).reshape(-1))
+        except (OverflowError, TypeError, ValueError) as e:  # 2**70, or not integers at all
+            raise _error(path, f"indices in [0, {n_train}) (the training set's size)",
+                         f"client {k} holding {type(e).__name__}: {e}") from e
     for k, p in enumerate(parts):
         if p.size == 0:
             raise _error(path, "every client to hold at least one example", f"client {k} empty")
@@ -264,13 +273,13 @@ def check_partition(clients: Mapping[int, Sequence[int]], num_clients: int, n_tr
 
 def _check_seed(seed: int) -> int:
     if int(seed) != seed or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32); got {seed!r}")
+        raise InputError(f"seed must be an integer in [0, 2**32); got {seed!r}")
     return int(seed)
 
 
 def _check_clients(num_clients: int) -> int:
     if int(num_clients) != num_clients or num_clients < 1:
-        raise ValueError(f"num_clients must be a positive integer; got {num_clients!r}")
+        raise InputError(f"num_clients must be a positive integer; got {num_clients!r}")
     return int(num_clients)
 
 
@@ -292,11 +301,11 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed
     rng = np.random.RandomState(_check_seed(seed))
     alpha = float(alpha)
     if not alpha > 0 or not np.isfinite(alpha):
-        raise ValueError(f"alpha must be a positive number; got {alpha!r}")
+        raise InputError(f"alpha must be a positive number; got {alpha!r}")
     n_train = len(labels)
     if n_train < min_size * n_clients:
-        raise ValueError(f"{n_train} examples cannot give each of {n_clients} clients at "
-                         f"least {min_size}")
+        raise InputError(f"{n_train} examples cannot give each of {n_clients} clients at "
+                         f"least {min_size}; use fewer clients (--num_clients)")
     if labels.size and labels.min() < 0:
         raise ValueError(f"labels must be >= 0; got {labels.min()}")
     n_classes = int(labels.max(initial=-1)) + 1 if num_classes is None else int(num_classes)
@@ -318,7 +327,7 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed
         if sizes.min() >= min_size:
             break
     else:
-        raise ValueError(f"no Dirichlet(alpha={alpha}) partition into {n_clients} clients "
+        raise InputError(f"no Dirichlet(alpha={alpha}) partition into {n_clients} clients "
                          f"with at least {min_size} examples each after {max_tries} tries; "
                          f"use a larger alpha or fewer clients")
     parts = []
@@ -333,7 +342,8 @@ def homo_partition(n_train: int, num_clients: int, seed: int) -> list[np.ndarray
     """A ``RandomState(seed)`` permutation of all indices cut by ``np.array_split``."""
     n_clients = _check_clients(num_clients)
     if n_train < n_clients:
-        raise ValueError(f"{n_train} examples cannot give each of {n_clients} clients one")
+        raise InputError(f"{n_train} examples cannot give each of {n_clients} clients one; "
+                         f"use fewer clients (--num_clients)")
     perm = np.random.RandomState(_check_seed(seed)).permutation(int(n_train))
     return [p.astype(np.int64) for p in np.array_split(perm, n_clients)]
 

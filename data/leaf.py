@@ -23,6 +23,7 @@ import numpy as np
 
 from data.errors import DataError
 from data.federated import ClientSplit, FederatedData, check_frac_unseen, hold_out_unseen
+from utils.input_error import InputError
 
 try:  # orjson is ~2x faster than json on LEAF's huge float arrays.
     import orjson
@@ -65,14 +66,17 @@ def _writer_split(path: Path, user: str, x_raw: Any, y_raw: Any) -> ClientSplit:
     if x is None or x.ndim != 2 or x.shape[1] != _PIXELS:
         bad = _describe_bad_rows(x_raw)
         raise _error(path, f"{where}['x'] to be a list of rows of {_PIXELS} numbers", bad)
-    if not (np.all(np.isfinite(x)) and x.min() >= 0.0 and x.max() <= 1.0):
+    if x.size and not (np.all(np.isfinite(x)) and x.min() >= 0.0 and x.max() <= 1.0):
         raise _error(
             path,
             f"{where}['x'] pixel values in [0, 1] (LEAF's FEMNIST)",
             f"values in [{np.nanmin(x)}, {np.nanmax(x)}] or non-finite values",
         )
-    y = np.asarray(y_raw)
-    if y.size == 0:
+    try:
+        y = np.asarray(y_raw)
+    except (TypeError, ValueError, OverflowError):  # ragged or nested lists
+        y = np.asarray([], dtype=object)
+    if y.size == 0 and y.dtype != object:
         y = y.astype(np.int32).reshape(0)
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise _error(path, f"{where}['y'] to be a flat list of integer labels",
@@ -173,7 +177,7 @@ def load_femnist(root: str, num_clients: int, frac_unseen: float = 0.0) -> Feder
     writers become unseen clients (reference section 2.1).
     """
     if int(num_clients) != num_clients or num_clients < 1:
-        raise ValueError(f"num_clients must be a positive integer; got {num_clients!r}")
+        raise InputError(f"num_clients must be a positive integer; got {num_clients!r}")
     num_clients = int(num_clients)
     check_frac_unseen(frac_unseen)
     base = Path(root) / "femnist"

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from data.errors import DataError
 from data.federated import ClientSplit, FederatedData, check_frac_unseen, hold_out_unseen
+from utils.input_error import InputError
 
 CHARS = "dhlptx@DHLPTX $(,048cgkoswCGKOSW[_#'/37;?bfjnrvzBFJNRVZ\"&*.26:\naeimquyAEIMQUY]!%)-159\r"
 """TFF's Shakespeare character vocabulary, in its order: character CHARS[i] has id i + 1."""
@@ -137,6 +138,16 @@ def _tff_paths(base: Path) -> dict[str, Path]:
     return {split: base / name for split, name in TFF_FILES.items()}
 
 
+# What h5py raises on a damaged file: a truncated or overwritten block (OSError), a
+# dangling link (KeyError), a corrupt B-tree or heap (RuntimeError, ValueError, TypeError).
+_H5_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+
+
+def _unreadable_h5(path: Path, e: Exception) -> DataError:
+    return _error(path, "an HDF5 file h5py can read (TFF's Shakespeare layout)",
+                  f"a file it cannot read ({type(e).__name__}: {e})")
+
+
 def _open_h5(path: Path):
     import h5py  # imported here so that the other datasets do not need it
 
@@ -148,25 +159,40 @@ def _open_h5(path: Path):
     except OSError as e:
         raise _error(path, "an HDF5 file (TFF's Shakespeare layout)",
                      f"a file h5py cannot open ({e})") from e
-    group = f.get("examples")
-    if group is None or not hasattr(group, "keys"):
-        found = f"top-level entries {sorted(f.keys())}"
+    try:
+        group = f.get("examples")
+        if group is None or not hasattr(group, "keys"):
+            raise _error(path, "a group 'examples' holding one group per client",
+                         f"top-level entries {sorted(f.keys())}")
+    except (DataError, *_H5_ERRORS) as e:
         f.close()
-        raise _error(path, "a group 'examples' holding one group per client", found)
+        if isinstance(e, DataError):
+            raise
+        raise _unreadable_h5(path, e) from e
     return f
 
 
+def _client_names(path: Path, f: Any) -> set[str]:
+    try:
+        return set(f["examples"].keys())
+    except _H5_ERRORS as e:
+        raise _unreadable_h5(path, e) from e
+
+
 def _read_snippets(path: Path, f: Any, client: str) -> list[bytes | str]:
-    entry = f["examples"][client]
     where = f"examples/{client}/snippets"
-    if not hasattr(entry, "keys") or "snippets" not in entry:
-        raise _error(path, f"a dataset {where}", "it missing")
-    data = entry["snippets"]
-    if not hasattr(data, "dtype") or data.dtype.kind not in "SOU" or data.ndim != 1:
-        raise _error(path, f"{where} to be a 1-d array of byte strings",
-                     f"dtype {getattr(data, 'dtype', type(data).__name__)} and shape "
-                     f"{getattr(data, 'shape', None)}")
-    values = data[()].tolist()
+    try:
+        entry = f["examples"][client]
+        if not hasattr(entry, "keys") or "snippets" not in entry:
+            raise _error(path, f"a dataset {where}", "it missing")
+        data = entry["snippets"]
+        if not hasattr(data, "dtype") or data.dtype.kind not in "SOU" or data.ndim != 1:
+            raise _error(path, f"{where} to be a 1-d array of byte strings",
+                         f"dtype {getattr(data, 'dtype', type(data).__name__)} and shape "
+                         f"{getattr(data, 'shape', None)}")
+        values = data[()].tolist()
+    except _H5_ERRORS as e:
+        raise _unreadable_h5(path, e) from e
     if not all(isinstance(v, bytes | str) for v in values):
         raise _error(path, f"{where} to hold strings", "other objects")
     return values
@@ -177,7 +203,7 @@ def _load_tff(base: Path, num_clients: int) -> tuple[list[str], list[ClientSplit
     paths = _tff_paths(base)
     files = {split: _open_h5(p) for split, p in paths.items()}
     try:
-        clients = {s: set(f["examples"].keys()) for s, f in files.items()}
+        clients = {s: _client_names(paths[s], f) for s, f in files.items()}
         common = sorted(clients["train"] & clients["test"])
         if len(common) < num_clients:
             raise _error(base, f"at least {num_clients} clients present in both "
@@ -276,9 +302,9 @@ def load_shakespeare(root: str | os.PathLike, num_clients: int, frac_unseen: flo
     else (with `download`) fetches TFF's archive into ROOT/shakespeare/.
     """
     if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}; got {source!r}")
+        raise InputError(f"source must be one of {SOURCES}; got {source!r}")
     if int(num_clients) != num_clients or num_clients < 1:
-        raise ValueError(f"num_clients must be a positive integer; got {num_clients!r}")
+        raise InputError(f"num_clients must be a positive integer; got {num_clients!r}")
     num_clients = int(num_clients)
     check_frac_unseen(frac_unseen)
     base = Path(root) / "shakespeare"

@@ -71,7 +71,7 @@ def read_svhn_mat(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     labels = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else None
     if labels is None or len(labels) != n or (labels.size and labels.dtype.kind not in "iuf"):
         raise error(f"y to be {n} labels (an N x 1 array)", f"shape {y.shape}, dtype {y.dtype}")
-    if labels.size and (not np.all(labels == np.round(labels)) or labels.min() < 0
+    if labels.size and (not np.all(labels == np.round(labels)) or labels.min() < 1
                         or labels.max() > 10):
         raise error("integer labels in 1..10 (10 meaning the digit 0)",
                     f"labels in [{labels.min()}, {labels.max()}]")

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -60,12 +60,39 @@ def _reference_losses(record: dict[str, Any]) -> str:
 class RunDir:
     """Writes one run's files. `metrics.jsonl` is the complete record; `output.txt`,
     `losses.txt`, `unseen.txt` and `final_result.txt` keep the reference's formats and
-    quantities."""
+    quantities.
 
-    def __init__(self, path: str | Path):
+    ``hold=True`` is for a directory that holds a checkpoint to resume from: it is left
+    exactly as it is (no file written, replaced or removed) until the engine accepts the
+    checkpoint, which it shows by its first write (``rewrite_rounds``) or by ``release``;
+    until then ``write_flags`` and ``write_partition`` are queued. A refused resume
+    (``utils.checkpoint.CheckpointError``) therefore never touches the run it refused."""
+
+    def __init__(self, path: str | Path, *, hold: bool = False):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temporaries()
+        self._queued: list[Callable[[], None]] | None = [] if hold else None
+        self._later(self._remove_stale_temporaries)
+
+    @property
+    def held(self) -> bool:
+        return self._queued is not None
+
+    def _later(self, write: Callable[[], None]) -> None:
+        if self._queued is None:
+            write()
+        else:
+            self._queued.append(write)
+
+    def on_release(self, write: Callable[[], None]) -> None:
+        """Runs ``write`` when this directory is released (now, if it is not held)."""
+        self._later(write)
+
+    def release(self) -> None:
+        """Writes what was queued while held; later writes go straight to disk."""
+        queued, self._queued = self._queued, None
+        for write in queued or ():
+            write()
 
     def _remove_stale_temporaries(self) -> None:
         """A run SIGKILLed while `atomic_file` was writing leaves its temporary sibling
@@ -75,12 +102,18 @@ class RunDir:
             stale.unlink(missing_ok=True)
 
     def write_flags(self, flags: dict[str, Any]) -> None:
-        atomic_write(self.path / "flags.json", json.dumps(flags, indent=2, sort_keys=True))
-        atomic_write(self.path / "args.txt",
-                     "\n".join(f"{k}: {flags[k]!r}" for k in sorted(flags)) + "\n")
-        atomic_write(self.path / "command.txt", " ".join(sys.argv) + "\n")
+        command = " ".join(sys.argv) + "\n"
+
+        def write() -> None:
+            atomic_write(self.path / "flags.json", json.dumps(flags, indent=2, sort_keys=True))
+            atomic_write(self.path / "args.txt",
+                         "\n".join(f"{k}: {flags[k]!r}" for k in sorted(flags)) + "\n")
+            atomic_write(self.path / "command.txt", command)
+
+        self._later(write)
 
     def _append(self, name: str, line: str) -> None:
+        self.release()
         with open(self.path / name, "a") as f:
             f.write(line + "\n")
             f.flush()
@@ -96,6 +129,8 @@ class RunDir:
     def rewrite_rounds(self, history: list[dict[str, Any]]) -> None:
         """On resume: the per-round files hold exactly the checkpoint's rounds (a killed
         run may have logged rounds after its last checkpoint)."""
+        self.release()  # the engine has accepted the checkpoint
+
         def text(lines: list[str]) -> str:
             return "".join(line + "\n" for line in lines)
 
@@ -107,6 +142,7 @@ class RunDir:
                      text([_reference_losses(h) for h in evaluated]))
 
     def write_unseen(self, train_acc: float, test_acc: float, record: dict[str, Any]) -> None:
+        self.release()
         atomic_write(self.path / "unseen.txt", _fmt([train_acc, test_acc]) + "\n")
         self._append("metrics.jsonl", _metrics_line(record))
 
@@ -115,16 +151,23 @@ class RunDir:
         table, per-client indices), so that a run's clients can be rebuilt exactly."""
         import numpy as np
 
-        with atomic_file(self.path / "partition.npz", "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in partition.items()})
+        arrays = {k: np.asarray(v) for k, v in partition.items()}
+
+        def write() -> None:
+            with atomic_file(self.path / "partition.npz", "wb") as f:
+                np.savez(f, **arrays)
+
+        self._later(write)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        self.release()
         atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 
     def write_final_result(self, results: list[tuple[float, float]]) -> None:
         """The reference's layout: the (repeats x 2) array, then [mean, std] of test acc."""
         import numpy as np
 
+        self.release()
         arr = np.asarray(results, dtype=np.float64).reshape(-1, 2)
         test = arr[:, 1]
         text = (np.array2string(arr, precision=5, separator=", ") + "\n"
