@@ -4,10 +4,13 @@
 synthetic federated dataset (no download) in about a minute on 2 CPU cores.
 """
 
+import contextlib
 import datetime
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Iterator
 
 from absl import app, flags
 
@@ -23,6 +26,7 @@ from trainers.optimizers import OPTIMIZERS
 from trainers.registry import TRAINERS
 from trainers.run import RepeatFailed
 from utils.checkpoint import CheckpointError
+from utils.input_error import InputError
 
 FLAGS = flags.FLAGS
 # Engine settings take their defaults from RunConfig, so library and command line agree.
@@ -166,6 +170,17 @@ flags.DEFINE_bool("global_eval_drop_last", RunConfig.global_eval_drop_last, "InC
                   "the authors' loader (9,728 of CIFAR-10's 10,000)")
 flags.DEFINE_bool("text_eval_dropout", True, "keep the transformers' dropout on when "
                   "evaluating, as the reference does")
+# Clients of different budgets (DAC, docs/dac_spec): MobileNet-V2 channel tiers. The
+# runners under runners/dac/ pass DAC's settings.
+flags.DEFINE_string("budgets", None, "MACS:PARAMS budgets, comma-separated: one tier per "
+                    "budget, each the first snapshot of --dac_snapshots under both (strict); "
+                    "one budget is DAC's own federation")
+flags.DEFINE_string("dac_snapshots", None, "the search's snapshots.json (or DAC's "
+                    "net_cfg.json) that --budgets select from")
+flags.DEFINE_list("width_multipliers", None, "HeteroFL's baseline: one tier per width "
+                  "multiplier, nested prefixes of the widest (e.g. 0.5,1.0)")
+flags.DEFINE_bool("random_epoch", False, "DAC's --random_epoch: each client trains E_c "
+                  "local epochs, uniform on floor(E/3)..E")
 
 
 def _default_model(dataset: str, trainer: str) -> str:
@@ -185,7 +200,8 @@ def _outdir(trainer: str, dataset: str, num_clients: int, model: str) -> str:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise InputError(f"unexpected arguments: {' '.join(argv[1:])}; every setting is a "
+                         f"flag (--name=value), see python main.py --helpshort")
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
     from trainers.run import RunRequest, run_repeats
 
@@ -193,9 +209,51 @@ def main(argv: list[str]) -> None:
     run_repeats(request)
 
 
-if __name__ == "__main__":
+# ---------------------------------------------------------------- what reaches the user
+# The project's own input errors: a flag or flags that cannot run together (InputError),
+# missing or malformed data files (DataError), a checkpoint the run cannot resume from
+# (CheckpointError). Each is printed as one line, `error: ...`, and exits with status 2,
+# with no traceback unless --verbosity=1 or FEDEQ_TRACEBACK=1 asks for one. Any other
+# exception is a bug and surfaces as Python's traceback (exit status 1).
+INPUT_ERRORS = (InputError, DataError, CheckpointError)
+TRACEBACK_ENV = "FEDEQ_TRACEBACK"
+EXIT_INPUT_ERROR = 2
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with its errors (a bad enum value, a non-number) as input errors."""
     try:
-        app.run(main)
-    except (ValueError, CheckpointError, RepeatFailed, DataError) as err:  # what, and the fix
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return FLAGS(argv)
+    except flags.Error as err:
+        raise InputError(f"{err}; see python main.py --helpshort") from err
+
+
+def _traceback_wanted() -> bool:
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        return True
+    return FLAGS.is_parsed() and FLAGS.verbosity >= 1
+
+
+@contextlib.contextmanager
+def reported_input_errors() -> Iterator[None]:
+    """The one place where input errors become the user's `error: ...` line and status."""
+    try:
+        yield
+    except RepeatFailed as err:
+        if err.code != EXIT_INPUT_ERROR:
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(EXIT_INPUT_ERROR)  # code 2: the repeat printed its own error line
+    except INPUT_ERRORS as err:
+        if _traceback_wanted():
+            traceback.print_exc()
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(EXIT_INPUT_ERROR)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+if __name__ == "__main__":
+    with reported_input_errors():
+        app.run(main, flags_parser=parse_flags)

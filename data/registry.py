@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from data.cifar import load_cifar
+from data.dac import DAC_PARTITIONS, load_dac_cifar
 from data.errors import DataError
 from data.federated import FederatedData
 from data.inco import INCO_DATASETS, load_inco_data
@@ -20,7 +21,7 @@ from data.leaf import FEMNIST_HOW_TO_GET, load_femnist
 from data.shakespeare import SHAKESPEARE_HOW_TO_GET, load_shakespeare
 from data.synthetic import make_synthetic
 
-PARTITIONS: tuple[str, ...] = ("shards", *INCO_PARTITIONS)
+PARTITIONS: tuple[str, ...] = ("shards", *INCO_PARTITIONS, *DAC_PARTITIONS)
 
 
 class Loader(Protocol):
@@ -88,6 +89,10 @@ def _cifar(name: str) -> Loader:
     def load(data_dir: str | None, num_clients: int, frac_unseen: float, seed: int, *,
              labels_per_client: int = 5, source: str = "pickle", partition: str = "shards",
              alpha: float = 0.5, partition_file: str | None = None) -> FederatedData:
+        if partition in DAC_PARTITIONS:
+            root = _require_dir(data_dir, name, f"--data_dir ROOT; {name} is then read from "
+                                f"(or downloaded to) ROOT/{name}/")
+            return load_dac_cifar(root, num_clients, partition, seed, frac_unseen)
         if partition != "shards":
             return inco(data_dir, num_clients, frac_unseen, seed, partition=partition,
                         alpha=alpha, partition_file=partition_file, source=source)
@@ -129,7 +134,7 @@ def dataset_partitions(name: str) -> tuple[str, ...]:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name not in INCO_DATASETS:
         return ("shards",)
-    return PARTITIONS if name == "cifar10" else INCO_PARTITIONS  # cifar10 has both
+    return PARTITIONS if name == "cifar10" else INCO_PARTITIONS  # cifar10 has all
 
 
 def load_dataset(name: str, data_dir: str | None, num_clients: int, frac_unseen: float,

@@ -12,6 +12,7 @@ from models.base import HEAD_MARKER
 from models.deq_mlp import deq_mlp
 from models.deq_resnet import deq_resnet
 from models.deq_transformer import deq_transformer
+from models.mobilenet_v2 import MobileNetConfig, mobilenet_v2
 from models.resnet import resnet20_femnist, resnet34_cifar
 from models.stage_resnet import STAGE_SPLITS, stage_resnet
 from models.transformer import transformer8
@@ -26,8 +27,14 @@ class ModelSpec:
     name: str
     transformed: hk.TransformedWithState
     is_deq: bool
+    # Initialise in one compiled program rather than op by op (MobileNet-V2's 17 blocks
+    # take ~30 s eagerly on a CPU). Off for the older models, whose eager initial values
+    # the parity checks were taken with.
+    jit_init: bool = False
 
     def init(self, rng: jax.Array, example_x: jnp.ndarray) -> tuple[hk.Params, hk.State]:
+        if self.jit_init:
+            return jax.jit(self.transformed.init, static_argnums=2)(rng, example_x, True)
         return self.transformed.init(rng, example_x, True)
 
 
@@ -59,6 +66,9 @@ _MODELS: dict[str, _Entry] = {
     **{name: _Entry(lambda c, s, d, p, i, k=depth: vit(c, k, patch_size=p, image_size=i),
                     False, (3,), vit=True)
        for name, depth in VIT_SPLITS.items()},
+    # DAC's CIFAR MobileNet-V2 (dac_spec 1), full widths; searched and width-multiplier
+    # configurations are built with `build_mobilenet`.
+    "mobilenet_v2": _Entry(lambda c, s, d: mobilenet_v2(c), False, (3,)),
 }
 MODELS = tuple(_MODELS)
 
@@ -88,7 +98,15 @@ def build_model(name: str, *, num_classes: int, input_shape: tuple[int, ...],
         forward = entry.build(*args, vit_patch_size, vit_image_size)
     else:
         forward = entry.build(*args)
-    return ModelSpec(name, hk.transform_with_state(forward), entry.is_deq)
+    return ModelSpec(name, hk.transform_with_state(forward), entry.is_deq,
+                     jit_init=name == "mobilenet_v2")
+
+
+def build_mobilenet(cfg: MobileNetConfig, num_classes: int, name: str = "mobilenet_v2"
+                    ) -> ModelSpec:
+    """A MobileNet-V2 of any configuration (a DAC snapshot, a width multiplier)."""
+    return ModelSpec(name, hk.transform_with_state(mobilenet_v2(num_classes, cfg)), False,
+                     jit_init=True)
 
 
 def submodel_family(name: str) -> tuple[str, ...] | None:

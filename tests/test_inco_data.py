@@ -515,7 +515,7 @@ def test_load_cinic10_fixed_partition(tmp_path: Path) -> None:
 
 def test_registry_routes_partitions() -> None:
     assert {"fmnist", "svhn", "cinic10", "cifar10", "cifar100"} <= set(DATASETS)
-    assert PARTITIONS == ("shards", "hetero-fixed", "hetero", "homo")
+    assert PARTITIONS == ("shards", "hetero-fixed", "hetero", "homo", "dac-iid", "dac-shards")
     with pytest.raises(ValueError, match="does not support"):
         load_dataset("fmnist", "/nonexistent", 4, 0.0, 0)
     with pytest.raises(ValueError, match="does not support"):

@@ -74,3 +74,26 @@ def test_inco_runs_get_the_table2_layout_and_per_group_curves(tmp_path):
     assert rows[0] == "| method | cifar10 0.5 (resnet26) |"
     assert rows[2].startswith("| HeteroAvg | 60.0 ± 0.0") and rows[3].startswith("| InCoAvg | 70.0")
     assert (out / "accuracy_per_group.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tiered_runs_get_a_per_tier_table_with_bytes_and_macs(tmp_path):
+    path = tmp_path / "mixed"
+    path.mkdir()
+    (path / "flags.json").write_text(json.dumps(
+        {"trainer": "heteroavg", "dataset": "cifar10", "model": "mobilenet_v2",
+         "budgets": "26300000:720000,inf:inf", "num_clients": 4, "clients_per_round": 0.5}))
+    records = [{"round": 0, "test_acc": 0.3, "up_bytes": 3, "down_bytes": 3,
+                "test_acc_tiers": {"dac_26.2M": 0.2, "dac_94.6M": 0.4},
+                "up_bytes_tiers": {"dac_26.2M": 2e6}, "down_bytes_tiers": {"dac_26.2M": 2e6},
+                "macs_per_image_tiers": {"dac_26.2M": 26.2e6}},
+               {"round": 1, "up_bytes": 3, "down_bytes": 3,
+                "up_bytes_tiers": {"dac_26.2M": 4e6, "dac_94.6M": 9e6},
+                "down_bytes_tiers": {"dac_26.2M": 4e6, "dac_94.6M": 9e6},
+                "macs_per_image_tiers": {"dac_26.2M": 26.2e6, "dac_94.6M": 94.6e6}}]
+    (path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
+    out = tmp_path / "report"
+    assert report.main([str(path), "--out", str(out)]) == 0
+    rows = (out / "tiers.md").read_text().splitlines()
+    assert rows[2] == "| mixed | dac_26.2M | 20.00 | 3.00 | 3.00 | 26.20 M |"
+    assert rows[3] == "| mixed | dac_94.6M | 40.00 | 9.00 | 9.00 | 94.60 M |"
+    assert not (out / "table2.md").exists()

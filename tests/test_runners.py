@@ -301,3 +301,86 @@ def test_inco_runner_completes_a_round(tmp_path, script):
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(record["test_acc_tiers"]) == {"resnet10", "resnet26"}
     assert np.isclose(record["test_acc"], np.mean(list(record["test_acc_tiers"].values())))
+
+
+# DAC's runners (dac_spec 2.3, 3.1, 4.1): every script hands its program DAC's settings
+# (stand-in python3, in CI); with -m slow each really runs on tiny CIFAR-10 (a full
+# MobileNet-V2 compiles for about a minute; tests/test_dac.py runs the same paths on
+# tiny widths in the default set).
+DAC = ROOT / "runners" / "dac"
+DAC_FL_FLAGS = {"--trainer": "heteroavg", "--dataset": "cifar10", "--partition": "dac-iid",
+                "--num_clients": "10", "--clients_per_round": "0.1", "--num_rounds": "49",
+                "--inner_epochs": "5", "--batch_size": "128", "--learning_rate": "0.1",
+                "--optimizer": "sgd", "--momentum": "0.5", "--eval_every": "1",
+                "--seed": "100"}
+
+
+def _pairs(argv: list[str]) -> dict[str, str]:
+    switches = {"--unweighted_updates", "--noglobal_eval_drop_last"}
+    rest = [a for a in argv if a not in switches]
+    return dict(zip(rest[::2], rest[1::2], strict=True))
+
+
+def test_dac_scripts_pass_dacs_settings(tmp_path):
+    argv = _script_argv(tmp_path / "search", DAC / "run_search.sh", "--out", "x")
+    assert argv[:2] == ["-m", "trainers.dac.search"]
+    assert _pairs(argv[2:]) == {"--epochs": "10", "--lr": "0.01", "--batch_size": "256",
+                                "--penalty_factor": "0.1", "--threshold": "0.1",
+                                "--floor": "8", "--out": "x"}
+    argv = _script_argv(tmp_path / "retrain", DAC / "run_retrain.sh", "--out", "x")
+    assert argv[:2] == ["-m", "trainers.dac.retrain"]
+    assert _pairs(argv[2:]) == {"--epochs": "10", "--lr": "0.1", "--batch_size": "100",
+                                "--out": "x"}
+    tiers = {"run_fedavg.sh": ("--budgets", "113329664:2932095"),
+             "run_mixed.sh": ("--budgets", "26328640:714658,34196512:840828,51755680:1096978,"
+                              "64238800:1338288,94604800:2932095"),
+             "run_heterofl.sh": ("--width_multipliers", "0.35,0.5,0.75,1.0")}
+    for script, (flag, value) in tiers.items():
+        argv = _script_argv(tmp_path / script, DAC / script, "-r", "1")
+        assert Path(argv[0]).resolve() == (ROOT / "main.py").resolve()
+        assert "--unweighted_updates" in argv and "--noglobal_eval_drop_last" in argv
+        got = _pairs(argv[1:])
+        assert got == {**DAC_FL_FLAGS, "--augment": "none", flag: value, "-r": "1"}, script
+
+
+def _snapshot_file(path: Path) -> Path:
+    from models.mobilenet_v2 import FULL, MobileNetConfig, count_macs, count_params
+    from trainers.dac.snapshots import Snapshot, write_snapshots
+    small = MobileNetConfig.from_expansions([8] * 17)
+    write_snapshots(path, [Snapshot(str(k), count_macs(c), count_params(c), c)
+                           for k, c in enumerate((FULL, small))])
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["run_search.sh", "run_retrain.sh", "run_fedavg.sh",
+                                    "run_mixed.sh", "run_heterofl.sh"])
+def test_dac_runner_completes(tmp_path, script):
+    write_cifar10(tmp_path / "data" / "cifar10" / "cifar-10-batches-py", train_per_class=8,
+                  test_per_class=2)
+    snaps = _snapshot_file(tmp_path / "snaps.json")
+    out = tmp_path / "run"
+    extra = {"run_search.sh": ["--epochs", "1", "--quiet"],
+             "run_retrain.sh": ["--epochs", "1", "--snapshots", str(snaps), "--epoch", "1",
+                                "--quiet"],
+             "run_fedavg.sh": ["--dac_snapshots", str(snaps), "-c", "4", "-cr", "0.5"],
+             "run_mixed.sh": ["--dac_snapshots", str(snaps), "--budgets",
+                              f"{2e6}:{2e5},inf:inf", "-c", "4", "-cr", "0.5"],
+             "run_heterofl.sh": ["--width_multipliers", "0.35,1.0", "-c", "4", "-cr", "0.5"]}
+    fl = script not in ("run_search.sh", "run_retrain.sh")
+    args = [*extra[script], "--data_dir", str(tmp_path / "data")]
+    args += ["-t", "0", "-le", "1", "-b", "8", "-q", "-o", str(out)] if fl else ["--out",
+                                                                                 str(out)]
+    proc = subprocess.run(["bash", str(DAC / script), *args], cwd=tmp_path,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if script == "run_search.sh":
+        snap = json.loads((out / "snapshots.json").read_text())
+        assert list(snap) == ["0"] and snap["0"]["params"] == 2_296_922
+    elif script == "run_retrain.sh":
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["cfg"][0][0] == 8 and len(summary["history"]) == 1
+    else:
+        record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        assert record["test_acc_tiers"] and record["macs_per_image_tiers"]

@@ -331,7 +331,21 @@ class Engine:
                 "up_bytes_tiers": up_tiers,
                 "down_bytes_tiers": {names[k]: int(down_per_tier[k]) for k in np.unique(tiers)},
                 "cohort_tiers": [names[t] for t in tiers],
-                "train_seconds_tiers": dict(self._tier_seconds)}
+                "train_seconds_tiers": dict(self._tier_seconds),
+                **self._tier_macs(np.unique(tiers))}
+
+    def _tier_macs(self, tiers: np.ndarray) -> dict[str, Any]:
+        """Per tier in the cohort, forward MACs per image and a training step's MACs
+        (forward + backward counted as 3 forward passes, the usual estimate, times the
+        batch), where the algorithm knows its tiers' costs (MobileNet tiers)."""
+        costs = getattr(self.alg, "tier_costs", None)
+        if not costs:
+            return {}
+        names = self.alg.tier_names
+        return {"macs_per_image_tiers": {names[k]: costs[k]["macs_per_image"] for k in tiers},
+                "train_macs_per_step_tiers": {
+                    names[k]: 3 * costs[k]["macs_per_image"] * self.cfg.batch_size
+                    for k in tiers}}
 
     def _cohort(self, rs: np.random.RandomState) -> np.ndarray:
         if self.alg.full_participation:  # the reference draws nothing then (spec 3.3)
@@ -456,6 +470,7 @@ class Engine:
                 unsaved.clear()
 
         unseen = self._unseen(server, init_params, init_state, key, eval_rng)
+        self.final_server = server  # for callers that compare or reuse the trained model
         return self._summary(history, unseen)
 
     def _unseen(self, server, init_params, init_state, key, eval_rng) -> dict | None:
@@ -532,6 +547,16 @@ class Engine:
             summary["up_bytes_per_client_tiers"] = {
                 n: float(np.mean([h["up_bytes_tiers"][n] for h in tiered
                                   if n in h["up_bytes_tiers"]])) for n in sorted(names)}
+            summary["down_bytes_per_client_tiers"] = {
+                n: float(np.mean([h["down_bytes_tiers"][n] for h in tiered
+                                  if n in h["down_bytes_tiers"]])) for n in sorted(names)}
+            if getattr(self.alg, "tier_costs", None):
+                summary["macs_per_image_tiers"] = {
+                    n: c["macs_per_image"] for n, c in zip(self.alg.tier_names,
+                                                           self.alg.tier_costs, strict=True)}
+                summary["params_tiers"] = {
+                    n: c["params"] for n, c in zip(self.alg.tier_names, self.alg.tier_costs,
+                                                   strict=True)}
         if "fwd_solves" in last:  # training solves over all rounds
             for key in ("fwd_solves", "fwd_unconverged", "bwd_solves", "bwd_unconverged"):
                 summary[key] = int(sum(h[key] for h in history))

@@ -28,6 +28,7 @@ from trainers.optimizers import OptimizerSpec, as_optimizer
 from utils.pytree import merge
 
 AUGMENT_STREAM = 0x0A06  # folded into a step's key for the augmentation's draws
+EPOCHS_STREAM = 0x0E0C   # folded into a client's key to draw its number of local epochs
 
 PHASE_STATS = ("steps", "loss", "fwd_iters", "fwd_residual", "bwd_steps", "bwd_iters",
                "bwd_residual", "fwd_solves", "fwd_unconverged", "bwd_solves",
@@ -57,6 +58,18 @@ class Schedule(NamedTuple):
 
     def stream(self, s: int, epochs: int) -> "Schedule":
         return Schedule(self.idx[s, :epochs], self.mask[s, :epochs])
+
+    def first_epochs(self, n: jnp.ndarray) -> "Schedule":
+        """Only the first `n` epochs (a traced count is fine): later steps are masked,
+        so the padded program is unchanged and the loop executor skips them."""
+        keep = jnp.arange(self.mask.shape[0]) < n
+        return Schedule(self.idx, self.mask & keep.reshape((-1,) + (1,) * (self.mask.ndim - 1)))
+
+
+def random_epoch_count(rng: jax.Array, epochs: int) -> jnp.ndarray:
+    """DAC's E_c (dac_spec 4.1): uniform on the integers floor(E / 3) .. E (at least 1)."""
+    low = max(epochs // 3, 1)
+    return jax.random.randint(jax.random.fold_in(rng, EPOCHS_STREAM), (), low, epochs + 1)
 
 
 def reaches_solver(trainable: dict) -> bool:

@@ -2,6 +2,9 @@
 
 
 import json
+import math
+import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, replace
@@ -12,19 +15,42 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.augment import make_augmentation
+from data.cifar import CIFAR_INPUT_SHAPE
+from data.dac import DAC_PARTITIONS, dac_partition
+from data.errors import DataError
+from data.fmnist import FMNIST_INPUT_SHAPE
 from data.inco import INCO_DATASETS, inco_augmentation, inco_stats
-from data.registry import dataset_partitions, load_dataset
+from data.leaf import FEMNIST_INPUT_SHAPE, FEMNIST_NUM_CLASSES
+from data.partition import shards_per_class
+from data.registry import DATASETS, dataset_partitions, load_dataset
+from data.shakespeare import SEQ_LEN, VOCAB_SIZE
 from deq.config import SolverConfig
-from models.registry import build_model, submodel_family
+from models.registry import MODELS, build_mobilenet, build_model, submodel_family
 from models.vit import VIT_SPLITS, load_vit_weights
 from trainers.algorithms.base import HParams
 from trainers.algorithms.fedeq import FedEQConfig
+from trainers.channel_setup import (
+    budget_tiers,
+    build_channel_federation,
+    channel_tier_lines,
+    parse_budgets,
+    server_config,
+    width_tiers,
+)
 from trainers.engine import Engine, RunConfig
 from trainers.names import SUBMODEL_TRAINERS
-from trainers.registry import AlgorithmOptions, TextOptions, build_algorithm, resolve_trainer
+from trainers.registry import (
+    TRAINERS,
+    AlgorithmOptions,
+    TextOptions,
+    build_algorithm,
+    resolve_trainer,
+)
 from trainers.server_transforms import InCoConfig
 from trainers.submodel_setup import build_submodel_federation, submodel_lines
 from trainers.task import make_task
+from utils import checkpoint
+from utils.input_error import InputError, input_errors
 from utils.rundir import RunDir
 
 _DEFAULT_CLIENTS = {"synthetic": 30, "femnist": 100, "cifar10": 100, "cifar100": 100,
@@ -56,6 +82,7 @@ class RunRequest:
     flags: dict
     data_kwargs: dict = field(default_factory=dict)  # labels per client, source, partition
     submodels: tuple[str, ...] = ()   # InCo: the tiers' models, server last; () otherwise
+    channel_tiers: tuple = ()         # DAC / HeteroFL: ChannelTiers, smallest first
     inco: InCoConfig = InCoConfig()
     augment: str = "none"
     model_kwargs: dict = field(default_factory=dict)  # ViT patch and image size
@@ -66,19 +93,29 @@ class RunRequest:
     @staticmethod
     def from_flags(f: Any, default_model, default_outdir) -> "RunRequest":
         """Checks every flag before any work, with a message that says what is allowed."""
-        entry = resolve_trainer(f.trainer)  # raises with the allowed names
+        with input_errors():
+            entry = resolve_trainer(f.trainer)  # raises with the allowed names
         dataset = f.dataset
+        _check(dataset in DATASETS, f"--dataset {dataset!r} is not a dataset; allowed: "
+               f"{', '.join(DATASETS)}")
         _check(entry.family != "text" or dataset in _TEXT_DATASETS,
                f"--trainer {f.trainer} is a text trainer and {dataset} is not a text dataset; "
                f"use the trainer without the _seq suffix (e.g. "
                f"{f.trainer.removesuffix('_seq')}) for {dataset}")
         # A vision trainer would run on text without the reference's text settings.
+        text_twin = f"{entry.algorithm.name}_seq"
         _check(entry.family == "text" or dataset not in _TEXT_DATASETS,
                f"--trainer {f.trainer} is a vision trainer and {dataset} is a text dataset; "
-               f"use {entry.algorithm.name}_seq")
+               + (f"use {text_twin}" if text_twin in TRAINERS and f.trainer not in
+                  SUBMODEL_TRAINERS else "text trainers: "
+                  + ", ".join(t for t in TRAINERS if t.endswith("_seq"))))
+        _check(f.num_clients is None or f.num_clients >= 1,
+               f"--num_clients must be >= 1, got {f.num_clients}")
         num_clients = f.num_clients or _DEFAULT_CLIENTS.get(dataset, 100)
         rounds = f.num_rounds if f.num_rounds is not None else _DEFAULT_ROUNDS.get(dataset, 400)
-        model = f.model or default_model(dataset, f.trainer)
+        channel_tiers = _channel_tiers(f)
+        model = f.model or ("mobilenet_v2" if channel_tiers else default_model(dataset,
+                                                                                f.trainer))
         _check(0 < f.clients_per_round <= 1, f"--clients_per_round must be in (0, 1], got "
                f"{f.clients_per_round}")
         _check(0 <= f.frac_unseen < 1, f"--frac_unseen must be in [0, 1), got {f.frac_unseen}")
@@ -88,26 +125,36 @@ class RunRequest:
         _check(f.eval_every >= 1, f"--eval_every must be >= 1, got {f.eval_every}")
         _check(f.eval_train_every >= 0, "--eval_train_every must be >= 0 (0: never score the "
                f"train split), got {f.eval_train_every}")
-        _check(f.batch_size == -1 or f.batch_size >= 1, "--batch_size must be >= 1 or -1")
-        _check(f.inner_epochs >= 1, "--inner_epochs must be >= 1")
-        _check(f.personalized_epochs >= 0, "--personalized_epochs must be >= 0")
-        _check(f.repeat >= 1, "--repeat must be >= 1")
+        _check(f.batch_size == -1 or f.batch_size >= 1, "--batch_size must be >= 1 or -1 (the "
+               f"whole client), got {f.batch_size}")
+        _check(f.inner_epochs >= 1, f"--inner_epochs must be >= 1, got {f.inner_epochs}")
+        _check(f.personalized_epochs >= 0,
+               f"--personalized_epochs must be >= 0, got {f.personalized_epochs}")
+        _check(f.repeat >= 1, f"--repeat must be >= 1, got {f.repeat}")
+        _check(0 <= f.seed and f.seed + 1000 * (f.repeat - 1) < 2**32, "--seed must be in "
+               f"[0, 2**32) for every repeat (seed + 1000 k), got {f.seed} with --repeat "
+               f"{f.repeat}")
         _check(f.checkpoint_every >= 0, "--checkpoint_every must be >= 0 (0: only the last)")
-        _check(f.learning_rate > 0, "--learning_rate must be > 0")
-        _check(f.labels_per_client >= 1, "--labels_per_client must be >= 1")
-        _check(f.rho > 0, "--rho must be > 0")
+        _check(f.learning_rate > 0, f"--learning_rate must be > 0, got {f.learning_rate}")
+        _check(f.labels_per_client >= 1,
+               f"--labels_per_client must be >= 1, got {f.labels_per_client}")
+        _check(f.rho > 0, f"--rho must be > 0, got {f.rho}")
         ditto_lambda = getattr(f, "lambda")
         _check(ditto_lambda >= 0, f"--lambda (Ditto) must be >= 0, got {ditto_lambda}")
         _check(0 <= f.finetune_frac <= 1,
                f"--finetune_frac must be in [0, 1], got {f.finetune_frac}")
         _check(f.knn_neighbors >= 1, f"--knn_neighbors must be >= 1, got {f.knn_neighbors}")
         _check(0 <= f.knn_lam <= 1, f"--knn_lam must be in [0, 1], got {f.knn_lam}")
-        submodels = _submodels(f, model, f.trainer)
-        partition = f.partition or ("hetero-fixed" if submodels
-                                    else dataset_partitions(dataset)[0])
+        submodels = () if channel_tiers else _submodels(f, model, f.trainer)
+        _check_models(f, submodels or (model,), dataset, bool(submodels))
+        partition = f.partition or ("hetero-fixed" if submodels else "dac-iid"
+                                    if channel_tiers else dataset_partitions(dataset)[0])
+        _check_partition(f, dataset, partition, num_clients)
         vit = (submodels[-1] if submodels else model) in VIT_SPLITS
         optimizer = f.optimizer or ("adam" if submodels and not vit else "sgd")
-        momentum = f.momentum if f.momentum is not None else (0.9 if vit else 0.0)
+        # DAC's clients: momentum 0.5, hard-coded in its code (dac_spec 4.1)
+        momentum = f.momentum if f.momentum is not None else (
+            0.9 if vit else 0.5 if channel_tiers else 0.0)
         weight_decay = f.weight_decay if f.weight_decay is not None else (1e-5 if vit else 0.0)
         augment = f.augment
         if augment == "auto":
@@ -119,7 +166,13 @@ class RunRequest:
         _check(f.prox_mu >= 0, "--prox_mu must be >= 0")
         _check(f.moon_mu >= 0, "--moon_mu must be >= 0")
         _check(f.moon_temperature > 0, "--moon_temperature must be > 0")
-        _check(f.alpha > 0, "--alpha must be > 0")
+        _check(f.alpha > 0 and math.isfinite(f.alpha), f"--alpha must be a number > 0, got "
+               f"{f.alpha}")
+        _check(not f.vit_weights or vit, f"--vit_weights is read only for a ViT "
+               f"({', '.join(VIT_SPLITS)}), not --model {model}")
+        _check(not f.vit_weights or os.path.isfile(f.vit_weights),
+               f"--vit_weights {f.vit_weights}: no such file; pass an .npz of ViT-S weights "
+               f"(timm or AugReg names), or leave the flag out to train from scratch")
         # The flags main.py defines (absl's own logging flags are left out).
         flag_values = {fl.name: fl.value
                        for fl in f.get_key_flags_for_module(sys.modules["__main__"])}
@@ -139,7 +192,8 @@ class RunRequest:
             hp=HParams(lr=f.learning_rate, local_epochs=f.inner_epochs,
                        personal_epochs=f.personalized_epochs,
                        weighted=not f.unweighted_updates, optimizer=optimizer,
-                       momentum=momentum, weight_decay=weight_decay),
+                       momentum=momentum, weight_decay=weight_decay,
+                       random_epochs=f.random_epoch),
             solver=SolverConfig(fwd_solver=f.fwd_solver, bwd_solver=f.bwd_solver,
                                 fast_conv=f.fast_conv, anderson_impl=f.anderson_impl),
             options=AlgorithmOptions(
@@ -163,7 +217,7 @@ class RunRequest:
                          "source": "tfds" if f.data_source == "tfds" else "pickle",
                          "partition": partition, "alpha": f.alpha,
                          "partition_file": f.partition_file},
-            submodels=submodels,
+            submodels=submodels, channel_tiers=channel_tiers,
             inco=InCoConfig(mode=f.inco_mode, clamp_max=f.inco_clamp_max,
                             clip=f.inco_clip or None),
             augment=augment,
@@ -188,6 +242,12 @@ def _submodels(f: Any, model: str, trainer: str) -> tuple[str, ...]:
         names = submodel_family(model) or ()
     _check(bool(names), f"--trainer {trainer} needs sub-models: pass --model resnet26 or "
            f"vit_s12 (a family's server model) or --submodels")
+    families = sorted({fam for m in MODELS if (fam := submodel_family(m))}, key=str)
+    listed = " or ".join(",".join(fam) for fam in families)
+    for name in names:
+        _check(submodel_family(name) is not None,
+               f"--submodels {','.join(names)}: {name!r} is not a sub-model; allowed: one "
+               f"family, smallest first and its server model last, e.g. {listed}")
     family = submodel_family(names[-1])
     for name in names:
         _check(family is not None and name in family,
@@ -199,9 +259,109 @@ def _submodels(f: Any, model: str, trainer: str) -> tuple[str, ...]:
     return names
 
 
+# What each dataset's examples are (classes, shape of one example), so that --model can be
+# checked before any file is read (tests/test_bad_inputs.py compares it with the loaders).
+DATASET_SHAPES: dict[str, tuple[int, tuple[int, ...]]] = {
+    "synthetic": (10, (60,)),
+    "femnist": (FEMNIST_NUM_CLASSES, FEMNIST_INPUT_SHAPE),
+    "cifar10": (10, CIFAR_INPUT_SHAPE),
+    "cifar100": (100, CIFAR_INPUT_SHAPE),
+    "shakespeare": (VOCAB_SIZE, (SEQ_LEN,)),
+    "fmnist": (10, FMNIST_INPUT_SHAPE),
+    "svhn": (10, CIFAR_INPUT_SHAPE),
+    "cinic10": (10, CIFAR_INPUT_SHAPE),
+}
+
+
+def _misfit(name: str, dataset: str, model_kwargs: dict) -> str | None:
+    """Why model `name` cannot be built for `dataset`'s examples, or None if it can."""
+    num_classes, input_shape = DATASET_SHAPES[dataset]
+    try:
+        build_model(name, num_classes=num_classes, input_shape=input_shape, **model_kwargs)
+    except ValueError as err:
+        return str(err).split(";")[0]  # the reason, not advice meant for the code's callers
+    return None
+
+
+def _check_models(f: Any, names: tuple[str, ...], dataset: str, submodels: bool) -> None:
+    """Every model the run builds exists and fits the dataset; if one does not, say which
+    models do fit it."""
+    for name in names:
+        _check(name in MODELS, f"--model {name!r} is not a model; allowed: {', '.join(MODELS)}")
+    _check(f.vit_patch_size >= 1 and f.vit_image_size >= 1
+           and f.vit_image_size % f.vit_patch_size == 0,
+           f"--vit_image_size ({f.vit_image_size}) must be a positive multiple of "
+           f"--vit_patch_size ({f.vit_patch_size})")
+    kwargs = {"vit_patch_size": f.vit_patch_size, "vit_image_size": f.vit_image_size}
+    num_classes, shape = DATASET_SHAPES[dataset]
+    for name in names:
+        reason = _misfit(name, dataset, kwargs)
+        if reason is None:
+            continue
+        candidates = [m for m in MODELS if not submodels or submodel_family(m)]
+        fit = [m for m in candidates if _misfit(m, dataset, kwargs) is None]
+        what = "--submodels" if submodels and f.submodels else "--model"
+        raise InputError(
+            f"{what} {name} does not fit --dataset {dataset} ({num_classes} classes, examples "
+            f"of shape {shape}): {reason}; models that fit {dataset}"
+            f"{' (sub-model families)' if submodels else ''}: {', '.join(fit) or 'none'}")
+
+
+def _check_partition(f: Any, dataset: str, partition: str, num_clients: int) -> None:
+    """--partition, --partition_file, --data_source and the shard counts fit together."""
+    supported = dataset_partitions(dataset)
+    _check(partition in supported, f"--dataset {dataset} does not support --partition "
+           f"{partition}; it supports {', '.join(supported)}")
+    _check(f.partition_file is None or partition == "hetero-fixed",
+           f"--partition_file is only read with --partition hetero-fixed, not --partition "
+           f"{partition}; leave it out, or pass --partition hetero-fixed")
+    _check(f.data_source == "files" or partition == "shards",
+           f"--partition {partition} reads the official files; --data_source "
+           f"{f.data_source} is only supported with --partition shards")
+    if partition == "shards" and dataset in ("cifar10", "cifar100"):
+        with input_errors("--num_clients and --labels_per_client: "):
+            shards_per_class(num_clients, f.labels_per_client, DATASET_SHAPES[dataset][0])
+    if partition in DAC_PARTITIONS:  # 50,000 CIFAR-10 training images
+        with input_errors("--num_clients: "):
+            dac_partition(np.zeros(50_000, np.int64), num_clients, partition, 0)
+
+
+def _channel_tiers(f: Any) -> tuple:
+    """DAC's budgets (--budgets + --dac_snapshots) or HeteroFL's --width_multipliers."""
+    if not f.budgets and not f.width_multipliers:
+        _check(not f.dac_snapshots, "--dac_snapshots is read only with --budgets")
+        return ()
+    _check(f.trainer in SUBMODEL_TRAINERS, f"--budgets / --width_multipliers need a sub-model "
+           f"trainer ({', '.join(SUBMODEL_TRAINERS)}), not --trainer {f.trainer}")
+    _check(not SUBMODEL_TRAINERS[f.trainer][1], f"--trainer {f.trainer}: InCo's "
+           f"cross-layer mixing is defined for stage-split ResNets and ViTs, not MobileNet "
+           f"tiers; use {f.trainer.replace('inco', 'hetero')}")
+    _check(not (f.budgets and f.width_multipliers),
+           "pass --budgets or --width_multipliers, not both")
+    _check(not f.submodels, "--submodels (InCo's ResNets) cannot be combined with "
+           "--budgets / --width_multipliers (MobileNet-V2 tiers)")
+    _check(f.model in (None, "mobilenet_v2"), f"--budgets / --width_multipliers train "
+           f"MobileNet-V2 tiers; drop -m {f.model} or pass -m mobilenet_v2")
+    _check(f.dataset == "cifar10", f"MobileNet-V2 tiers are DAC's CIFAR-10 models; got "
+           f"--dataset {f.dataset}")
+    if f.width_multipliers:
+        try:
+            wms = [float(w) for w in f.width_multipliers]
+        except ValueError:
+            raise InputError(f"--width_multipliers takes numbers, got "
+                             f"{','.join(f.width_multipliers)}") from None
+        _check(all(0 < w <= 1 for w in wms), "--width_multipliers must lie in (0, 1]")
+        return tuple(width_tiers(wms))
+    _check(bool(f.dac_snapshots), "--budgets needs --dac_snapshots FILE (the search's "
+           "snapshots.json: bash runners/dac/run_search.sh, or DAC's net_cfg.json)")
+    with input_errors():  # parse_budgets says what --budgets takes
+        budgets = parse_budgets(f.budgets)
+    return tuple(budget_tiers(budgets, f.dac_snapshots))
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise InputError(message)
 
 
 def _augmentation(req: RunRequest) -> Any:
@@ -211,21 +371,34 @@ def _augmentation(req: RunRequest) -> Any:
     return make_augmentation(req.augment, mean, std)
 
 
-def build_engine(req: RunRequest, seed: int, run_dir: RunDir | None) -> Engine:
+def _build(req: RunRequest, seed: int) -> tuple[Any, Any, Any]:
+    """(data, task, algorithm): everything a run needs that can fail on its input (files,
+    a model that does not fit the data), built before any file is written."""
     data = load_dataset(req.dataset, req.data_dir, req.num_clients, req.frac_unseen, seed,
                         **req.data_kwargs)
-    if run_dir is not None and data.partition is not None:
-        run_dir.write_partition(data.partition)  # the clients this seed drew, kept with the run
     text = req.options.text
     augment = _augmentation(req)
 
     def task_for(name: str):
-        model = build_model(name, num_classes=data.num_classes,
-                            input_shape=data.input_shape, solver=req.solver,
-                            dropout_at_eval=text.eval_dropout, **req.model_kwargs)
+        with input_errors(f"--model {name} on --dataset {req.dataset}: "):
+            model = build_model(name, num_classes=data.num_classes,
+                                input_shape=data.input_shape, solver=req.solver,
+                                dropout_at_eval=text.eval_dropout, **req.model_kwargs)
         return make_task(data.task, model, req.l2_reg, text.acc_ignores_padding, augment)
 
-    if req.submodels:
+    if req.channel_tiers:
+        def mobilenet_task(cfg, name):
+            return make_task(data.task, build_mobilenet(cfg, data.num_classes, name),
+                             req.l2_reg, text.acc_ignores_padding, augment)
+
+        tiers = req.channel_tiers
+        tasks = [mobilenet_task(t.config, t.name) for t in tiers]
+        task = mobilenet_task(server_config(tiers)[0], "mobilenet_v2_server")
+        algorithm = build_channel_federation(req.trainer, tiers, tasks, task, req.hp,
+                                             req.options, data.num_clients,
+                                             jnp.asarray(data.train[0].x[:2]))
+        print(channel_tier_lines(tiers, algorithm), flush=True)
+    elif req.submodels:
         tasks = [task_for(name) for name in req.submodels]
         task = tasks[-1]
         algorithm = build_submodel_federation(
@@ -235,6 +408,17 @@ def build_engine(req: RunRequest, seed: int, run_dir: RunDir | None) -> Engine:
     else:
         task = task_for(req.model)
         algorithm = build_algorithm(req.trainer, task, req.hp, req.options)
+    seen = len(data.train)
+    # The engine's own cohort size (it refuses an empty cohort with a plain ValueError).
+    _check(algorithm.full_participation or int((req.run.clients_per_round * seen) // 1) >= 1,
+           f"--clients_per_round {req.run.clients_per_round} samples no client out of the "
+           f"{seen} seen clients; use a fraction in [{1 / max(seen, 1):.4g}, 1]")
+    return data, task, algorithm
+
+
+def _engine(req: RunRequest, seed: int, built: tuple[Any, Any, Any],
+            run_dir: RunDir | None) -> Engine:
+    data, task, algorithm = built
     settings = {k: v for k, v in req.flags.items() if k not in _RESUMABLE_CHANGES}
     engine = Engine(data, task, algorithm, replace(req.run, seed=seed), run_dir,
                     settings={**settings, "seed": seed})
@@ -244,8 +428,20 @@ def build_engine(req: RunRequest, seed: int, run_dir: RunDir | None) -> Engine:
     return engine
 
 
+def build_engine(req: RunRequest, seed: int, run_dir: RunDir | None) -> Engine:
+    built = _build(req, seed)
+    if run_dir is not None and built[0].partition is not None:
+        run_dir.write_partition(built[0].partition)  # the clients this seed drew
+    return _engine(req, seed, built, run_dir)
+
+
 class RepeatFailed(RuntimeError):
-    """A repeat run in its own process exited with an error."""
+    """A repeat run in its own process exited with an error. ``code`` 2 means the repeat
+    refused its input and has printed the one error line itself."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 def _run_in_subprocess(req: RunRequest, k: int, seed: int, out: Path) -> dict:
@@ -258,27 +454,47 @@ def _run_in_subprocess(req: RunRequest, k: int, seed: int, out: Path) -> dict:
     if code != 0:
         raise RepeatFailed(f"repeat {k} (seed {seed}) exited with code {code}; its run "
                            f"directory {out} keeps its last checkpoint: rerun the same "
-                           f"command to continue")
+                           f"command to continue", code)
     return json.loads((out / "summary.json").read_text())
+
+
+class _Start:
+    """What one start of a run creates, so that a start refused for its input (a data
+    error found late, e.g. in --vit_weights) removes the folders it made. A folder that
+    existed before, or that holds a checkpoint, is never removed."""
+
+    def __init__(self, outdir: Path):
+        path = outdir.absolute()
+        self.created = next((p for p in [*reversed(path.parents), path] if not p.exists()),
+                            None)
+
+    def discard(self) -> None:
+        made = self.created
+        if made is not None and made.is_dir() and not any(made.rglob(checkpoint.FILENAME)):
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _run_dir(path: Path) -> RunDir:
+    """A run directory; one that holds a checkpoint is held: nothing is written into it
+    until the engine has accepted that checkpoint (a refused resume leaves it as it was)."""
+    return RunDir(path, hold=checkpoint.exists(path))
 
 
 def run_repeats(req: RunRequest) -> list[dict]:
     """Runs the repeats one after another (seed + 1000 k, as the reference), in this
     process or each in its own (`repeat_mode`); with one repeat the run directory is
-    `outdir` itself."""
-    root = RunDir(req.outdir)
-    root.write_flags(req.flags)
-    summaries = []
-    for k in range(req.repeat):
-        seed = req.run.seed + 1000 * k
-        if req.repeat > 1 and req.repeat_mode == "subprocess":
-            summaries.append(_run_in_subprocess(req, k, seed, Path(req.outdir) / f"run{k}"))
-            continue
-        run_dir = root if req.repeat == 1 else RunDir(Path(req.outdir) / f"run{k}")
-        if req.repeat > 1:
-            run_dir.write_flags({**req.flags, "seed": seed})
-        summary = build_engine(req, seed, run_dir).run()
-        summaries.append(summary)
+    `outdir` itself. A run directory is created only once the data, model and algorithm
+    of its first repeat are built, so a bad input leaves no folder behind."""
+    start = _Start(Path(req.outdir))
+    try:
+        root, summaries = _run_all(req)
+    except (InputError, DataError):
+        start.discard()
+        raise
+    except RepeatFailed as err:
+        if err.code == 2:  # the repeat refused its input (it removed its own folder)
+            start.discard()
+        raise
     results = [(s["final_train_acc"], s["final_test_acc"]) for s in summaries]
     root.write_final_result(results)
     test = np.array([r[1] for r in results])
@@ -293,6 +509,36 @@ def run_repeats(req: RunRequest) -> list[dict]:
         root.write_summary(overall)
     _print_summary(req, summaries, test)
     return summaries
+
+
+def _run_all(req: RunRequest) -> tuple[RunDir, list[dict]]:
+    outdir = Path(req.outdir)
+    root: RunDir | None = None
+    summaries = []
+    for k in range(req.repeat):
+        seed = req.run.seed + 1000 * k
+        if req.repeat > 1 and req.repeat_mode == "subprocess":
+            # The repeat builds (and checks) everything itself; the root's files follow
+            # its first success, so a refused first repeat leaves the root untouched.
+            summaries.append(_run_in_subprocess(req, k, seed, outdir / f"run{k}"))
+            if root is None:
+                root = RunDir(outdir)
+                root.write_flags(req.flags)
+            continue
+        built = _build(req, seed)  # before any folder is made
+        run_dir = _run_dir(outdir if req.repeat == 1 else outdir / f"run{k}")
+        if root is None:
+            root = run_dir if req.repeat == 1 else RunDir(outdir, hold=run_dir.held)
+            root.write_flags(req.flags)
+            if root is not run_dir:
+                run_dir.on_release(root.release)
+        if req.repeat > 1:
+            run_dir.write_flags({**req.flags, "seed": seed})
+        if built[0].partition is not None:
+            run_dir.write_partition(built[0].partition)  # the clients this seed drew
+        summaries.append(_engine(req, seed, built, run_dir).run())
+    assert root is not None
+    return root, summaries
 
 
 def _solver_lines(s: dict) -> list[str]:
@@ -322,8 +568,12 @@ def summary_lines(s: dict, repeat: int, test: np.ndarray, outdir: str) -> list[s
     ]
     for name, acc in s.get("final_test_acc_tiers", {}).items():
         up = s.get("up_bytes_per_client_tiers", {}).get(name)
+        down = s.get("down_bytes_per_client_tiers", {}).get(name)
+        macs = s.get("macs_per_image_tiers", {}).get(name)
         lines.append(f"  {name:14s}  test acc {acc:.4f}"
-                     + (f", up {up / 1e6:.2f} MB per client" if up is not None else ""))
+                     + (f", up {up / 1e6:.2f} MB per client" if up is not None else "")
+                     + (f", down {down / 1e6:.2f} MB" if down is not None else "")
+                     + (f", {macs / 1e6:.1f}M MACs per image" if macs is not None else ""))
     if "unseen_test_acc" in s:
         lines.append(f"unseen test acc   {_accuracy(s['unseen_test_acc'])} "
                      f"(train {_accuracy(s['unseen_train_acc'])})")

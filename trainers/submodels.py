@@ -8,8 +8,10 @@ nesting of plain dicts whose innermost level maps module names to leaves; `cut` 
 `paste` act on every such level at once, so no algorithm needs to know it runs on a
 sub-model. Cut then paste is the identity on owned entries (tested).
 
-Channel subsets (DAC, width tiers) will need masks that are vectors over a channel axis;
-`trainers.aggregation.owner_mean` already takes any broadcastable mask.
+`ChannelView` adds channel subsets (DAC's searched MobileNets, HeteroFL's width
+multipliers): a tier's leaf is the server's leaf at given channel indices along given
+axes, and its mask is the outer product of those channels' indicators, which
+`trainers.aggregation.owner_mean` broadcasts like any other mask.
 """
 
 from collections.abc import Iterable
@@ -17,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -61,6 +64,91 @@ class ModuleView:
                 return {k: walk(v, inside) for k, v in tree.items()}
             return jnp.float32(1.0)
         return walk(full, False)
+
+
+class ChannelView(ModuleView):
+    """A ModuleView whose owned modules are also narrowed to channel subsets.
+
+    `layout[module][leaf]` names the channel set of each axis of a leaf (None: not
+    narrowed), aligned on the leaf's trailing axes so stacked trees (a leading clients
+    axis) work too; `channels[set]` is the sorted server indices the tier keeps (a set
+    not listed is kept whole). Cut then paste is the identity on owned entries (tested).
+    """
+
+    def __init__(self, owned: Iterable[str], universe: Iterable[str],
+                 layout: dict[str, dict[str, tuple[str | None, ...]]],
+                 channels: dict[str, np.ndarray]):
+        super().__init__(owned, universe)
+        self.layout = layout
+        self.channels = {k: np.asarray(v, np.int32) for k, v in channels.items()}
+
+    def _axes(self, module: str, leaf: str, value: Any) -> list[tuple[int, np.ndarray]]:
+        sets = self.layout.get(module, {}).get(leaf, ())
+        first = np.ndim(value) - len(sets)
+        return [(first + a, self.channels[s]) for a, s in enumerate(sets)
+                if s is not None and s in self.channels]
+
+    def _map_module(self, fn, module: str, tree: Any, *others: Any) -> Any:
+        return {leaf: fn(self._axes(module, leaf, v), v, *(o[leaf] for o in others))
+                for leaf, v in tree.items()}
+
+    def cut(self, tree: PyTree) -> PyTree:
+        if self._is_module_level(tree):
+            return {k: self._map_module(_take, k, v) for k, v in tree.items()
+                    if k in self.owned}
+        if isinstance(tree, dict):
+            return {k: self.cut(v) for k, v in tree.items()}
+        return tree
+
+    def paste(self, full: PyTree, part: PyTree) -> PyTree:
+        if self._is_module_level(full):
+            return {k: self._map_module(_put, k, v, part[k]) if k in self.owned and k in part
+                    else v for k, v in full.items()}
+        if isinstance(full, dict):
+            return {k: self.paste(v, part[k]) if k in part else v for k, v in full.items()}
+        return part
+
+    def masks(self, full: PyTree) -> PyTree:
+        def walk(tree):
+            if self._is_module_level(tree):
+                return {k: self._map_module(_indicator, k, v) if k in self.owned
+                        else jax.tree.map(lambda _: jnp.float32(0.0), v)
+                        for k, v in tree.items()}
+            if isinstance(tree, dict):
+                return {k: walk(v) for k, v in tree.items()}
+            return jnp.float32(1.0)
+        return walk(full)
+
+
+def _take(axes: list[tuple[int, np.ndarray]], leaf: Any) -> Any:
+    for axis, idx in axes:
+        leaf = jnp.take(leaf, jnp.asarray(idx), axis=axis)
+    return leaf
+
+
+def _put(axes: list[tuple[int, np.ndarray]], leaf: Any, part: Any) -> Any:
+    if not axes:
+        return part
+    grids = [np.arange(n) for n in leaf.shape]
+    for axis, idx in axes:
+        grids[axis] = idx
+    return leaf.at[np.ix_(*grids)].set(part)
+
+
+def _indicator(axes: list[tuple[int, np.ndarray]], leaf: Any) -> jnp.ndarray:
+    """1.0 on the kept channels of every narrowed axis, shaped to broadcast to the leaf
+    (size 1 on the other axes; a scalar when nothing is narrowed)."""
+    if not axes:
+        return jnp.float32(1.0)
+    mask = np.ones([1] * np.ndim(leaf), np.float32)
+    for axis, idx in axes:
+        shape = [1] * np.ndim(leaf)
+        shape[axis] = leaf.shape[axis]
+        hot = np.zeros(shape, np.float32)
+        np.put_along_axis(hot, idx.reshape([-1 if a == axis else 1
+                                            for a in range(np.ndim(leaf))]), 1.0, axis)
+        mask = mask * hot
+    return jnp.asarray(mask)
 
 
 def module_names(*trees: dict) -> set[str]:

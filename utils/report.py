@@ -196,7 +196,9 @@ TABLE2_NAMES = dict(zip(TABLE2_METHODS, (
 
 
 def _tiered(groups: list[list[Run]]) -> list[list[Run]]:
-    return [runs for runs in groups if runs[0].flags.get("trainer") in TABLE2_METHODS]
+    """InCo's runs (MobileNet channel tiers, DAC's, are not Table 2's)."""
+    return [runs for runs in groups if runs[0].flags.get("trainer") in TABLE2_METHODS
+            and not runs[0].flags.get("budgets") and not runs[0].flags.get("width_multipliers")]
 
 
 def table2(groups: list[list[Run]]) -> str:
@@ -218,6 +220,31 @@ def table2(groups: list[list[Run]]) -> str:
         if method in cells:
             lines.append(f"| {TABLE2_NAMES[method]} | "
                          + " | ".join(cells[method].get(c, "") for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _tier_mean(run: Run, key: str, name: str) -> float:
+    values = [r[key][name] for r in run.rounds if name in r.get(key, {})]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def tiers_table(groups: list[list[Run]]) -> str:
+    """Markdown: one row per tier of every run that has tiers (InCo's groups, DAC's
+    budgets, width multipliers): final test accuracy, mean MB up and down per client of
+    the tier per round it was sampled, forward MACs per image where logged."""
+    lines = ["| run | tier | final test acc (%) | up MB / client | down MB / client | "
+             "MACs / image |", "|---|---|---|---|---|---|"]
+    for runs in groups:
+        run = runs[0]
+        if not run.evaluated or "test_acc_tiers" not in run.rounds[run.evaluated[-1]]:
+            continue
+        final = run.rounds[run.evaluated[-1]]["test_acc_tiers"]
+        for name, acc in final.items():
+            macs = _tier_mean(run, "macs_per_image_tiers", name)
+            lines.append(f"| {run.path.name} | {name} | {100 * acc:.2f} | "
+                         f"{_tier_mean(run, 'up_bytes_tiers', name) / 1e6:.2f} | "
+                         f"{_tier_mean(run, 'down_bytes_tiers', name) / 1e6:.2f} | "
+                         + ("" if math.isnan(macs) else f"{macs / 1e6:.2f} M") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -275,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     text = table(groups)
     atomic_write(args.out / "table.md", text)
     paths = plot(groups, args.out, args.title)
+    if any("test_acc_tiers" in r for runs in groups for r in runs[0].rounds):
+        atomic_write(args.out / "tiers.md", tiers_table(groups))
+        paths.append(args.out / "tiers.md")
     if _tiered(groups):
         atomic_write(args.out / "table2.md", table2(groups))
         paths += [args.out / "table2.md", *plot_tiers(groups, args.out)]

@@ -30,6 +30,9 @@ class HParams:
     optimizer: str = "sgd"         # sgd (the FeDEQ reference) or adam (InCo's ResNets)
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # DAC's --random_epoch (dac_spec 4.1): each client trains E_c epochs, E_c uniform on
+    # {floor(E / 3), ..., E}, drawn from its own key (the FedAvg family only).
+    random_epochs: bool = False
 
     @property
     def optimizer_spec(self) -> OptimizerSpec:

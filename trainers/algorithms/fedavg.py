@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from trainers.aggregation import owner_mean, split_owned
 from trainers.algorithms.base import Algorithm, HParams, as_float, empty_clients
+from trainers.local import random_epoch_count
 from utils.pytree import tree_add, tree_sub
 
 # transform(server, delta) -> delta, delta = {"params": ..., "state": ...} (the mean update)
@@ -41,10 +42,13 @@ class FedAvg(Algorithm):
 
     def train_from_global(self, server, data, schedule, rng, penalty=None, penalty_args=None,
                           correction=None):
-        """E epochs from the global model; the FedAvg family's whole client round."""
-        return self.local_sgd(server["params"], {}, server["state"], data,
-                              schedule.stream(0, self.hp.local_epochs), rng, penalty,
-                              penalty_args, correction)
+        """E epochs from the global model (E_c with DAC's random epochs); the FedAvg
+        family's whole client round."""
+        schedule = schedule.stream(0, self.hp.local_epochs)
+        if self.hp.random_epochs:
+            schedule = schedule.first_epochs(random_epoch_count(rng, self.hp.local_epochs))
+        return self.local_sgd(server["params"], {}, server["state"], data, schedule, rng,
+                              penalty, penalty_args, correction)
 
     @staticmethod
     def model_upload(server, params, state) -> dict:

@@ -40,30 +40,41 @@ def inco_groups(num_clients: int, num_tiers: int = 5) -> np.ndarray:
 
 class SubModelFederation(Algorithm):
     """`bases[k]` is the base algorithm built with tier k's task; the last tier's model
-    is the server's. `tier_of[i]` is client i's tier."""
+    is the server's. `tier_of[i]` is client i's tier. `views`: how each tier's trees
+    are cut from the server's (default: whole modules by name, InCo's depth split;
+    `ChannelView`s for channel subsets). `server`: the base algorithm with the server's
+    model when no tier trains all of it (DAC tiers whose channels are not nested);
+    default the last tier's. `tier_costs`: per tier, static figures (MACs per image,
+    parameters) the engine logs beside the tier's accuracy."""
 
     def __init__(self, bases: Sequence[Algorithm], tier_names: Sequence[str],
-                 tier_of: np.ndarray, example_x: jnp.ndarray, upload_scale: float = 1.0):
-        server_alg = bases[-1]
+                 tier_of: np.ndarray, example_x: jnp.ndarray, upload_scale: float = 1.0,
+                 views: Sequence[ModuleView] | None = None, server: Algorithm | None = None,
+                 tier_costs: Sequence[dict[str, float]] | None = None):
+        server_alg = bases[-1] if server is None else server
+        self.server_base = server_alg
         super().__init__(server_alg.task, server_alg.hp)
         self.bases, self.tier_names = list(bases), list(tier_names)
         self.tier_of = np.asarray(tier_of, int)
         self.name = server_alg.name
         self.upload_scale = upload_scale  # InCo's ViT clients divide their delta by E
-        shapes = [jax.eval_shape(b.task.model.init, jax.random.PRNGKey(0), example_x)
-                  for b in self.bases]
-        universe = module_names(*shapes[-1])
-        self.views = [ModuleView(module_names(*s), universe) for s in shapes]
+        self.tier_costs = list(tier_costs) if tier_costs is not None else None
+        if views is None:
+            shapes = [jax.eval_shape(b.task.model.init, jax.random.PRNGKey(0), example_x)
+                      for b in self.bases]
+            universe = module_names(*shapes[-1])
+            views = [ModuleView(module_names(*s), universe) for s in shapes]
+        self.views = list(views)
         self._tier_fns = [self._client_fn(k) for k in range(len(self.bases))]
         self._upload_shapes = None
 
     # ------------------------------------------------------------ the base's interface
     @property
     def streams(self):
-        return self.bases[-1].streams
+        return self.server_base.streams
 
     def aggregation_weights(self, sizes):
-        return self.bases[-1].aggregation_weights(sizes)
+        return self.server_base.aggregation_weights(sizes)
 
     @property
     def resume_settings(self):
@@ -72,10 +83,10 @@ class SubModelFederation(Algorithm):
     def init(self, params, state, num_clients):
         if len(self.tier_of) != num_clients:
             raise ValueError(f"{len(self.tier_of)} tier assignments for {num_clients} clients")
-        server, clients = self.bases[-1].init(params, state, num_clients)
-        if hasattr(self.bases[-1], "population"):     # SCAFFOLD: owners per entry
+        server, clients = self.server_base.init(params, state, num_clients)
+        if hasattr(self.server_base, "population"):     # SCAFFOLD: owners per entry
             counts = np.bincount(self.tier_of, minlength=len(self.views))
-            self.bases[-1].population = jax.tree.map(
+            self.server_base.population = jax.tree.map(
                 lambda *ms: sum(float(c) * m for c, m in zip(counts, ms, strict=True)),
                 *[v.masks(server["control"]) for v in self.views])
         return server, clients
@@ -88,17 +99,20 @@ class SubModelFederation(Algorithm):
 
     def _client_fn(self, k: int):
         view, base = self.views[k], self.bases[k]
+        # Compiled once per tier: the loop executor runs `update` eagerly, where every
+        # gather and scatter of a cut would otherwise be compiled op by op.
+        cut, paste = jax.jit(view.cut), jax.jit(view.paste)
 
         def update(server, c):
             client, data, schedule, rng = c
-            new_sub, upload, stats = base.client_update(view.cut(server), view.cut(client),
+            new_sub, upload, stats = base.client_update(cut(server), cut(client),
                                                         data, schedule, rng)
             if self.upload_scale != 1.0:
                 upload = jax.tree.map(lambda u: u * self.upload_scale
                                       if jnp.issubdtype(u.dtype, jnp.floating) else u, upload)
             template = self._upload_template(server, client, data, schedule, rng)
-            full = view.paste(tree_zeros_like(template), upload)
-            return view.paste(client, new_sub), {**full, OWNED: view.masks(template)}, stats
+            full = paste(template, upload)
+            return paste(client, new_sub), {**full, OWNED: view.masks(template)}, stats
 
         return update
 
@@ -106,12 +120,15 @@ class SubModelFederation(Algorithm):
         """Zeros shaped like the server tier's upload, which every tier's upload is
         pasted into (its shapes are traced once: every round's are the same)."""
         if self._upload_shapes is None:
-            self._upload_shapes = jax.eval_shape(self.bases[-1].client_update, server,
-                                                 client, data, schedule, rng)[1]
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._upload_shapes)
+            shapes = jax.eval_shape(self.server_base.client_update, server, client, data,
+                                    schedule, rng)[1]
+            # a compiled function, not its value: inside a traced executor a cached array
+            # would be a tracer of that trace
+            self._upload_shapes = jax.jit(lambda: tree_zeros_like(shapes))
+        return self._upload_shapes()
 
     def server_update(self, server, uploads, weights):
-        new = self.bases[-1].server_update(server, uploads, weights)
+        new = self.server_base.server_update(server, uploads, weights)
         # InCo's server clips running variances at 0 (inco_spec 5.4): a mean of owners'
         # variances is never negative, so this only guards against rounding.
         state = jax.tree_util.tree_map_with_path(
@@ -123,7 +140,7 @@ class SubModelFederation(Algorithm):
                             server)
 
     def broadcast(self, server):
-        return self.bases[-1].broadcast(server)
+        return self.server_base.broadcast(server)
 
     def tier_download_bytes(self, server) -> list[int]:
         return [tree_bytes(v.cut(self.broadcast(server))) for v in self.views]
