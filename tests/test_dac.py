@@ -274,6 +274,29 @@ def test_channel_cut_then_paste_is_identity_on_owned_entries():
     jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
+def test_every_tiers_masks_have_one_shape_per_leaf():
+    """A cohort mixing tiers stacks their masks: a narrow tier that lacks a module (at
+    width 0.35 block 1's projection becomes an identity) must still give that leaf a
+    mask of the common shape, all zeros."""
+    tiers = width_tiers([0.35, 1.0])
+    server_cfg, unions = server_config(tiers)
+    params, state = _shapes(server_cfg)
+    universe = module_names(params, state)
+    masks = []
+    for tier in tiers:
+        view = ChannelView(module_names(*_shapes(tier.config)), universe,
+                           channel_layout(server_cfg), tier_channels(tier, server_cfg, unions))
+        masks.append(view.masks({"params": params, "state": state}))
+    shapes = [jax.tree.map(lambda m: np.shape(m), m) for m in masks]
+    assert shapes[0] == shapes[1]
+    small, full = masks
+    assert "block01/~/shortcut_conv" not in _shapes(tiers[0].config)[0]
+    assert float(np.max(small["params"]["block01/~/shortcut_conv"]["w"])) == 0.0
+    assert float(np.min(full["params"]["block01/~/shortcut_conv"]["w"])) == 1.0
+    stem = np.asarray(small["params"]["stem_conv"]["w"]).reshape(-1)
+    assert stem.sum() == tiers[0].config.stem and stem[:tiers[0].config.stem].all()
+
+
 # ------------------------------------------------------------------ federation
 def _data(num_clients=4, seed=0):
     rs = np.random.RandomState(seed)

@@ -703,3 +703,55 @@ def test_cinic_reader_fuzz(cinic_base, tmp_path):
     cases += edits
     _run(tmp_path, cinic_base, target, read_cinic, _count(cases))
     _run(tmp_path, cinic_base, target, read_cinic, _noise(raw, rng, 10), must_fail=False)
+
+
+# ------------------------------------------------------------------ DAC snapshot files
+
+def _snapshot_doc() -> dict:
+    from models.mobilenet_v2 import FULL, MobileNetConfig, count_macs, count_params
+    from trainers.dac.snapshots import Snapshot
+    small = MobileNetConfig.from_expansions([8] * 17)
+    snaps = [Snapshot("0", count_macs(FULL), count_params(FULL), FULL),
+             Snapshot("1", count_macs(small), count_params(small), small,
+                      tuple(tuple(range(8)) for _ in range(17)), 0.5)]
+    return {s.epoch: s.to_json() for s in snaps}
+
+
+def _read_snapshot_file(root: Path) -> object:
+    from trainers.dac.snapshots import read_snapshots
+    return read_snapshots(root / "snapshots.json")
+
+
+def test_dac_snapshot_reader_fuzz(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    doc = _snapshot_doc()
+    raw = json.dumps(doc).encode()
+    (base / "snapshots.json").write_bytes(raw)
+    assert [s.epoch for s in _read_snapshot_file(base)] == ["0", "1"]
+    rng = np.random.default_rng(7)
+    edits: list[tuple[str, Callable]] = [(f"document is {v!r}", lambda d, v=v: _Whole(v))
+                                         for v in ([], "x", 1, None, {})]
+    for epoch in ("0", "1"):
+        edits += [(f"entry {epoch} = {v!r}", _setter((epoch,), v)) for v in WRONG]
+        for key in ("macs", "params", "cfg"):
+            edits.append((f"{epoch}: no {key}", _deleter((epoch, key))))
+            edits += [(f"{epoch}: {key} = {v!r}", _setter((epoch, key), v))
+                      for v in ("text", None, {}, [[1, 2], 3])]
+        edits += [(f"{epoch}: cfg has 16 blocks", lambda d, e=epoch: d[e]["cfg"].pop()),
+                  (f"{epoch}: a block of 2 numbers", _setter((epoch, "cfg", 3), [8, 24])),
+                  (f"{epoch}: a stride changed", _setter((epoch, "cfg", 3, 2), 1)),
+                  (f"{epoch}: expansion 0", _setter((epoch, "cfg", 5, 0), 0))]
+    edits += [("channels not matching e", _setter(("1", "channels", 2), [0, 1])),
+              ("channels repeated", _setter(("1", "channels", 2), [0] * 8)),
+              ("16 channel lists", lambda d: d["1"]["channels"].pop()),
+              ("channels negative", _setter(("1", "channels", 4, 0), -1)),
+              ("a channel past the full width", _setter(("1", "channels", 0, 7), 32)),
+              ("channels text", _setter(("1", "channels"), "x")),
+              ("test_acc text", _setter(("1", "test_acc"), "x"))]
+    cases: list[tuple[str, Payload]] = _truncations(raw, rng, 20) + _json_cases(doc, edits)
+    cases.append(("a folder", lambda root: ((root / "snapshots.json").unlink(),
+                                            (root / "snapshots.json").mkdir())))
+    _run(tmp_path, base, "snapshots.json", _read_snapshot_file, _count(cases))
+    _run(tmp_path, base, "snapshots.json", _read_snapshot_file, _noise(raw, rng, 10),
+         must_fail=False)

@@ -365,7 +365,7 @@ def test_dac_runner_completes(tmp_path, script):
                                 "--quiet"],
              "run_fedavg.sh": ["--dac_snapshots", str(snaps), "-c", "4", "-cr", "0.5"],
              "run_mixed.sh": ["--dac_snapshots", str(snaps), "--budgets",
-                              f"{2e6}:{2e5},inf:inf", "-c", "4", "-cr", "0.5"],
+                              "2e7:6e5,inf:inf", "-c", "4", "-cr", "0.5"],
              "run_heterofl.sh": ["--width_multipliers", "0.35,1.0", "-c", "4", "-cr", "0.5"]}
     fl = script not in ("run_search.sh", "run_retrain.sh")
     args = [*extra[script], "--data_dir", str(tmp_path / "data")]

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import numpy as np
 
 from models.mobilenet_v2 import (
@@ -133,8 +134,6 @@ def build_channel_federation(trainer: str, tiers: Sequence[ChannelTier], tasks: 
                              server_task: Any, hp: HParams, options: AlgorithmOptions,
                              num_clients: int, example_x: Any) -> SubModelFederation:
     """`tasks[k]`: tier k's task (its MobileNet), `server_task` the union model's."""
-    import jax  # local: keeps this module's import light for the report
-
     base_name, with_inco = SUBMODEL_TRAINERS[trainer]
     if with_inco:
         raise ValueError(f"--trainer {trainer}: InCo's cross-layer mixing is defined for "

@@ -109,15 +109,33 @@ class ChannelView(ModuleView):
         return part
 
     def masks(self, full: PyTree) -> PyTree:
+        """Per leaf, 1.0 on the kept channels (0.0 for a module the tier lacks), shaped
+        (size 1 except on the axes the layout names) alike for every tier, so the
+        cohort's masks stack whichever tiers it holds."""
         def walk(tree):
             if self._is_module_level(tree):
-                return {k: self._map_module(_indicator, k, v) if k in self.owned
-                        else jax.tree.map(lambda _: jnp.float32(0.0), v)
-                        for k, v in tree.items()}
+                return {k: {leaf: self._mask(k, leaf, v) for leaf, v in leaves.items()}
+                        for k, leaves in tree.items()}
             if isinstance(tree, dict):
                 return {k: walk(v) for k, v in tree.items()}
             return jnp.float32(1.0)
         return walk(full)
+
+    def _mask(self, module: str, leaf: str, value: Any) -> jnp.ndarray:
+        sets = self.layout.get(module, {}).get(leaf, ())
+        first = np.ndim(value) - len(sets)
+        shape = [1] * np.ndim(value)
+        for a, name in enumerate(sets):
+            if name is not None:
+                shape[first + a] = value.shape[first + a]
+        if module not in self.owned:
+            return jnp.zeros(shape, jnp.float32) if shape else jnp.float32(0.0)
+        mask = np.ones(shape, np.float32)
+        for axis, idx in self._axes(module, leaf, value):
+            hot = np.zeros(shape[axis], np.float32)
+            hot[idx] = 1.0
+            mask = mask * hot.reshape([-1 if a == axis else 1 for a in range(len(shape))])
+        return jnp.asarray(mask) if shape else jnp.float32(1.0)
 
 
 def _take(axes: list[tuple[int, np.ndarray]], leaf: Any) -> Any:
@@ -133,22 +151,6 @@ def _put(axes: list[tuple[int, np.ndarray]], leaf: Any, part: Any) -> Any:
     for axis, idx in axes:
         grids[axis] = idx
     return leaf.at[np.ix_(*grids)].set(part)
-
-
-def _indicator(axes: list[tuple[int, np.ndarray]], leaf: Any) -> jnp.ndarray:
-    """1.0 on the kept channels of every narrowed axis, shaped to broadcast to the leaf
-    (size 1 on the other axes; a scalar when nothing is narrowed)."""
-    if not axes:
-        return jnp.float32(1.0)
-    mask = np.ones([1] * np.ndim(leaf), np.float32)
-    for axis, idx in axes:
-        shape = [1] * np.ndim(leaf)
-        shape[axis] = leaf.shape[axis]
-        hot = np.zeros(shape, np.float32)
-        np.put_along_axis(hot, idx.reshape([-1 if a == axis else 1
-                                            for a in range(np.ndim(leaf))]), 1.0, axis)
-        mask = mask * hot
-    return jnp.asarray(mask)
 
 
 def module_names(*trees: dict) -> set[str]:

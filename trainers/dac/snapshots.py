@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from data.errors import DataError
-from models.mobilenet_v2 import NUM_BLOCKS, MobileNetConfig
+from models.mobilenet_v2 import FULL_BLOCKS, NUM_BLOCKS, MobileNetConfig
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,11 @@ def read_snapshots(path: str | os.PathLike) -> list[Snapshot]:
                 channels = tuple(tuple(int(i) for i in c) for c in channels)
                 if len(channels) != NUM_BLOCKS or any(
                         len(c) != e or len(set(c)) != e or min(c, default=0) < 0
-                        for c, e in zip(channels, config.expansions, strict=True)):
-                    raise ValueError("channels do not match cfg's expansion widths")
+                        or max(c, default=0) >= full
+                        for c, e, (full, _, _) in zip(channels, config.expansions,
+                                                      FULL_BLOCKS, strict=True)):
+                    raise ValueError("channels must list, per block, e distinct indices "
+                                     "of the full model's expanded channels")
             acc = entry.get("test_acc")
             snapshots.append(Snapshot(str(epoch), int(entry["macs"]), int(entry["params"]),
                                       config, channels, None if acc is None else float(acc)))
