@@ -10,8 +10,6 @@ epoch's record goes to `log.jsonl` as it ends, with the best parameters in `best
 """
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 from tqdm import tqdm
 
 from data.augment import random_crop, random_flip
 from data.cifar import read_cifar_pickles
+from utils.rundir import atomic_file, atomic_write
 
 # The search and retraining transform (dac_spec 2.3); the FL part uses 0.5 / 0.5.
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -45,6 +45,26 @@ class TrainSettings:
     train_subset: int = 0   # 0: all 50,000 training images
     test_subset: int = 0    # 0: all 10,000 test images
     eval_batch: int = 500
+
+
+def define_training_flags(out: str, epochs: int, lr: float, batch_size: int) -> None:
+    """The flags the search and retraining share, with each program's defaults."""
+    flags.DEFINE_string("data_dir", "data", "folder holding cifar10/ (downloaded if missing)")
+    flags.DEFINE_string("out", out, "output folder (log.jsonl, best.npz, ...)")
+    flags.DEFINE_integer("epochs", epochs, "epochs (cosine learning rate over them)")
+    flags.DEFINE_float("lr", lr, "SGD learning rate (cosine over --epochs)")
+    flags.DEFINE_integer("batch_size", batch_size, "batch size")
+    flags.DEFINE_integer("train_subset", 0, "train on a seeded subset of this many images "
+                         "(0: all)")
+    flags.DEFINE_integer("test_subset", 0, "score on a seeded subset of this many images "
+                         "(0: all)")
+    flags.DEFINE_integer("seed", 0, "seed of the init, shuffles, augmentation and subsets")
+    flags.DEFINE_bool("quiet", False, "no progress bars")
+
+
+def settings_from_flags(f: Any) -> TrainSettings:
+    return TrainSettings(epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, seed=f.seed,
+                         train_subset=f.train_subset, test_subset=f.test_subset)
 
 
 def _normalise(images: np.ndarray) -> np.ndarray:
@@ -83,19 +103,12 @@ def save_params(path: Path, params: Any) -> None:
     """Flat `module/leaf` arrays in an npz, written atomically."""
     flat = {f"{m}/{k}": np.asarray(v) for m, leaves in params.items()
             for k, v in leaves.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_file(path, "wb") as f:
         np.savez(f, **flat)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, value: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=1)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(value, indent=1))
 
 
 def train(forward: Callable, settings: TrainSettings, data: tuple[np.ndarray, ...],

@@ -21,25 +21,23 @@ from models.mobilenet_v2 import (
     mobilenet_v2,
     peak_feature_map,
 )
-from trainers.dac.centralised import TrainSettings, load_centralised, train, write_json
+from trainers.dac.centralised import (
+    define_training_flags,
+    load_centralised,
+    settings_from_flags,
+    train,
+    write_json,
+)
 from trainers.dac.snapshots import read_snapshots, select_snapshot
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", "data", "folder holding cifar10/ (downloaded if missing)")
-flags.DEFINE_string("out", "runs/dac_retrain", "output folder (log.jsonl, summary.json)")
+define_training_flags("runs/dac_retrain", epochs=10, lr=0.1, batch_size=100)
 flags.DEFINE_string("snapshots", None, "snapshot json (the search's or DAC's net_cfg.json)")
 flags.DEFINE_string("epoch", None, "the snapshot to retrain (its key in the file)")
 flags.DEFINE_float("macs_budget", None, "select by DAC's rule: MACs < this ...")
 flags.DEFINE_float("params_budget", None, "... and params < this")
 flags.DEFINE_float("width_multiplier", None, "train mbn2_std(width_mul=this) instead")
 flags.DEFINE_list("expansions", None, "train these 17 expansion widths instead")
-flags.DEFINE_integer("epochs", 10, "epochs (DAC's default)")
-flags.DEFINE_float("lr", 0.1, "SGD learning rate (cosine over --epochs)")
-flags.DEFINE_integer("batch_size", 100, "batch size")
-flags.DEFINE_integer("train_subset", 0, "train on a seeded subset of this many images (0: all)")
-flags.DEFINE_integer("test_subset", 0, "score on a seeded subset of this many images (0: all)")
-flags.DEFINE_integer("seed", 0, "seed of the init, shuffles, augmentation and subsets")
-flags.DEFINE_bool("quiet", False, "no progress bars")
 
 
 def chosen_config() -> tuple[MobileNetConfig, str]:
@@ -74,9 +72,7 @@ def main(argv):
         cfg, source = chosen_config()
     except (ValueError, DataError) as e:
         raise app.UsageError(str(e)) from None
-    settings = TrainSettings(epochs=FLAGS.epochs, lr=FLAGS.lr, batch_size=FLAGS.batch_size,
-                             seed=FLAGS.seed, train_subset=FLAGS.train_subset,
-                             test_subset=FLAGS.test_subset)
+    settings = settings_from_flags(FLAGS)
     cost = {"macs": count_macs(cfg), "params": count_params(cfg),
             "peak_feature_map": peak_feature_map(cfg)}
     print(f"retraining {source}: {cost['macs']:,} MACs, {cost['params']:,} params")

@@ -15,25 +15,24 @@ from pathlib import Path
 from absl import app, flags
 
 from models.mobilenet_v2 import count_macs, count_params, mobilenet_v2
-from trainers.dac.centralised import TrainSettings, load_centralised, train, write_json
+from trainers.dac.centralised import (
+    TrainSettings,
+    define_training_flags,
+    load_centralised,
+    settings_from_flags,
+    train,
+    write_json,
+)
 from trainers.dac.gates import BOUND_WEIGHT, PENALTY_FACTOR, THRESHOLD, gate_penalty, pruned_config
 from trainers.dac.snapshots import Snapshot, select_snapshot, write_snapshots
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", "data", "folder holding cifar10/ (downloaded if missing)")
-flags.DEFINE_string("out", "runs/dac_search", "output folder (snapshots.json, log.jsonl)")
-flags.DEFINE_integer("epochs", 10, "search epochs (DAC's default; its shipped file has 196)")
-flags.DEFINE_float("lr", 0.01, "SGD learning rate (cosine over --epochs)")
-flags.DEFINE_integer("batch_size", 256, "batch size")
+define_training_flags("runs/dac_search", epochs=10, lr=0.01, batch_size=256)
 flags.DEFINE_float("penalty_factor", PENALTY_FACTOR, "rho: weight of entropy + 0.1 bound")
 flags.DEFINE_float("threshold", THRESHOLD, "a channel is removed when |gate| < this")
 flags.DEFINE_integer("floor", 8, "fewest channels a block keeps")
-flags.DEFINE_integer("train_subset", 0, "train on a seeded subset of this many images (0: all)")
-flags.DEFINE_integer("test_subset", 0, "score on a seeded subset of this many images (0: all)")
-flags.DEFINE_integer("seed", 0, "seed of the init, shuffles, augmentation and subsets")
 flags.DEFINE_float("macs_budget", None, "print the snapshot this MACs budget selects")
 flags.DEFINE_float("params_budget", None, "... and this parameter budget")
-flags.DEFINE_bool("quiet", False, "no progress bars")
 
 
 def run_search(data_dir: str, out: Path, settings: TrainSettings, penalty_factor: float,
@@ -58,9 +57,7 @@ def run_search(data_dir: str, out: Path, settings: TrainSettings, penalty_factor
 
 def main(argv):
     del argv
-    settings = TrainSettings(epochs=FLAGS.epochs, lr=FLAGS.lr, batch_size=FLAGS.batch_size,
-                             seed=FLAGS.seed, train_subset=FLAGS.train_subset,
-                             test_subset=FLAGS.test_subset)
+    settings = settings_from_flags(FLAGS)
     out = Path(FLAGS.out)
     snapshots = run_search(FLAGS.data_dir, out, settings, FLAGS.penalty_factor,
                            FLAGS.threshold, FLAGS.floor, FLAGS.quiet)

@@ -13,13 +13,13 @@ fits (its message is unreachable), this raises a `DataError` naming the smallest
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from data.errors import DataError
 from models.mobilenet_v2 import FULL_BLOCKS, NUM_BLOCKS, MobileNetConfig
+from utils.rundir import atomic_write
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,7 @@ class Snapshot:
 
 def write_snapshots(path: str | os.PathLike, snapshots: list[Snapshot]) -> None:
     """Atomically: a reader never sees half a file (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({s.epoch: s.to_json() for s in snapshots}, f, indent=1)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
+    atomic_write(Path(path), json.dumps({s.epoch: s.to_json() for s in snapshots}, indent=1))
 
 
 def _bad(path: Any, found: str) -> DataError:
