@@ -179,6 +179,14 @@ flags.DEFINE_string("dac_snapshots", None, "the search's snapshots.json (or DAC'
                     "net_cfg.json) that --budgets select from")
 flags.DEFINE_list("width_multipliers", None, "HeteroFL's baseline: one tier per width "
                   "multiplier, nested prefixes of the widest (e.g. 0.5,1.0)")
+# FeDEQ for clients of unequal compute (trainers/algorithms/deq_tiers.py).
+flags.DEFINE_string("tiers", None, "FeDEQ compute tiers: a JSON file or an inline table, "
+                    "tiers separated by ';', fields maxiter, tol, bwd_maxiter, width, epochs, "
+                    "name (unset: the run's own), e.g. 'maxiter=4;maxiter=10;maxiter=20'")
+flags.DEFINE_enum("tier_assignment", "groups", ["groups", "random"], "--tiers: equal groups "
+                  "of client ids, first tier first (InCo's), or a seeded random draw")
+flags.DEFINE_integer("eval_maxiter", None, "--tiers: also score every client with this "
+                     "forward cap (test-time compute), logged as test_at<N>_acc")
 flags.DEFINE_bool("random_epoch", False, "DAC's --random_epoch: each client trains E_c "
                   "local epochs, uniform on floor(E/3)..E")
 

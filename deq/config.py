@@ -3,7 +3,10 @@
 from dataclasses import dataclass
 
 FWD_SOLVERS = ("anderson", "fpi", "broyden")
-BWD_SOLVERS = ("normal_cg", "gmres", "broyden")
+BWD_SOLVERS = ("normal_cg", "gmres", "broyden", "jacobian_free", "unrolled")
+# Gradients that do not solve the implicit system (deq/fixed_point.py): for few-iteration
+# tiers, whose iterate is not a fixed point. "unrolled" takes bwd_maxiter steps.
+APPROXIMATE_BWD = ("jacobian_free", "unrolled")
 ANDERSON_IMPLS = ("batched", "jaxopt")
 BROYDEN_IMPLS = ("jaxopt", "batched")
 

@@ -17,8 +17,9 @@ class SolverStats(NamedTuple):
     fwd_iters: jnp.ndarray
     fwd_residual: jnp.ndarray
     fwd_unconverged: jnp.ndarray
+    fwd_rel_residual: jnp.ndarray  # residual / ||z||, averaged over the examples
 
     @staticmethod
     def zeros() -> "SolverStats":
         zero = jnp.zeros((), jnp.float32)
-        return SolverStats(zero, zero, zero)
+        return SolverStats(zero, zero, zero, zero)

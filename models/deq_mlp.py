@@ -10,6 +10,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from deq.budget import SolverBudget
+from deq.budget import caps_only as _caps_only
 from deq.config import SolverConfig
 from deq.fixed_point import fixed_point
 from models.base import ModelOutput
@@ -25,8 +27,8 @@ def _mlp_block(p: dict, z: jnp.ndarray, u: jnp.ndarray) -> jnp.ndarray:
 def deq_mlp(num_classes: int, solver: SolverConfig, width: int = 64) -> Callable:
     """Input -> linear injection u -> equilibrium z* -> linear -> `player_logits`."""
 
-    def forward(x: jnp.ndarray, is_training: bool, probe: jnp.ndarray | None = None
-                ) -> ModelOutput:
+    def forward(x: jnp.ndarray, is_training: bool, probe: jnp.ndarray | None = None,
+                budget: SolverBudget | None = None) -> ModelOutput:
         del is_training
         x = x.reshape(x.shape[0], -1)
         u = hk.Linear(width, name="injection")(x)
@@ -37,7 +39,8 @@ def deq_mlp(num_classes: int, solver: SolverConfig, width: int = 64) -> Callable
                 "scale": get("scale", (width,), hk.initializers.Constant(0.5)),
                 "offset": get("offset", (width,), hk.initializers.Constant(0.0)),
             }
-        z, stats = fixed_point(_mlp_block, params, u, jnp.zeros_like(u), probe, solver)
+        z, stats = fixed_point(_mlp_block, params, u, jnp.zeros_like(u), probe, solver,
+                                _caps_only(budget))
         embedding = jax.nn.relu(hk.Linear(width, name="linear")(z))
         logits = hk.Linear(num_classes, name="player_logits")(embedding)
         return ModelOutput(logits, embedding, stats)

@@ -23,6 +23,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from deq.budget import SolverBudget
+from deq.budget import caps_only as _caps_only
 from deq.config import SolverConfig
 from deq.fixed_point import fixed_point
 from models.base import HEAD_MARKER, ModelOutput
@@ -58,8 +60,8 @@ def deq_transformer(vocab_size: int = VOCAB_SIZE, solver: SolverConfig = DEQ_TRA
 
     block = hk.transform(block_fn)
 
-    def forward(tokens: jnp.ndarray, is_training: bool, probe: jnp.ndarray | None = None
-                ) -> ModelOutput:
+    def forward(tokens: jnp.ndarray, is_training: bool, probe: jnp.ndarray | None = None,
+                budget: SolverBudget | None = None) -> ModelOutput:
         tok, x = embed_tokens(tokens, vocab_size, d_model)
         mask = attention_mask(tokens)
         rate = dropout_rate(is_training, dropout_at_eval)
@@ -74,7 +76,8 @@ def deq_transformer(vocab_size: int = VOCAB_SIZE, solver: SolverConfig = DEQ_TRA
         def f(p: dict, z: jnp.ndarray, u: tuple[jnp.ndarray, jnp.ndarray]) -> jnp.ndarray:
             return block.apply(p["block"], p["rng"], z, u, rate)
 
-        z, stats = fixed_point(f, params, (x, mask), z0, probe, solver)
+        z, stats = fixed_point(f, params, (x, mask), z0, probe, solver,
+                                _caps_only(budget))
         with hk.name_scope(HEAD_MARKER):
             h = ut_stack(z, tok, mask, num_layers=1, dropout_rate=rate,
                          rng=hk.maybe_next_rng_key() if rate > 0 else None)

@@ -38,6 +38,10 @@ class ModelSpec:
         return self.transformed.init(rng, example_x, True)
 
 
+DEQ_RESNET_WIDTHS = {"deq_resnet_s": (64, 128), "deq_resnet_m": (128, 256)}
+"""(stem width c1, hidden width c2) of the DEQ-ResNets (spec 5.1)."""
+
+
 @dataclass(frozen=True)
 class _Entry:
     # (classes, solver, eval dropout), plus (patch size, image size) when `vit`
@@ -49,8 +53,10 @@ class _Entry:
 
 _MODELS: dict[str, _Entry] = {
     "deq_mlp": _Entry(lambda c, s, d: deq_mlp(c, s), True, (1, 2, 3)),
-    "deq_resnet_s": _Entry(lambda c, s, d: deq_resnet(64, 128, c, s), True, (3,)),
-    "deq_resnet_m": _Entry(lambda c, s, d: deq_resnet(128, 256, c, s), True, (3,)),
+    "deq_resnet_s": _Entry(lambda c, s, d: deq_resnet(*DEQ_RESNET_WIDTHS["deq_resnet_s"], c, s),
+                           True, (3,)),
+    "deq_resnet_m": _Entry(lambda c, s, d: deq_resnet(*DEQ_RESNET_WIDTHS["deq_resnet_m"], c, s),
+                           True, (3,)),
     "resnet20": _Entry(lambda c, s, d: resnet20_femnist(c), False, (3,)),
     "resnet34": _Entry(lambda c, s, d: resnet34_cifar(c), False, (3,)),
     # Token sequences (B, T); num_classes is the vocabulary (90). The DEQ-Transformer
@@ -71,6 +77,7 @@ _MODELS: dict[str, _Entry] = {
     "mobilenet_v2": _Entry(lambda c, s, d: mobilenet_v2(c), False, (3,)),
 }
 MODELS = tuple(_MODELS)
+DEQ_MODELS = tuple(name for name, entry in _MODELS.items() if entry.is_deq)
 
 _FAMILIES = (tuple(STAGE_SPLITS), tuple(VIT_SPLITS))  # smallest first, server model last
 

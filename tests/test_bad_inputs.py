@@ -150,6 +150,14 @@ ROWS = [
     (["-c", "many"], ("--num_clients=many", "invalid literal")),
     (["--nosuchflag"], ("Unknown command line flag 'nosuchflag'",)),
     (["positional"], ("unexpected arguments: positional",)),
+    (["--tiers", "maxiter=0"], ("--tiers: tier 1 maxiter must be at least 1",)),
+    (["--tiers", "maxiter=4;speed=2"], ("tier 2 has unknown fields", "allowed: name")),
+    (["--tiers", "width=0.5"], ("deq_mlp's block has no width tiers",)),
+    (["--tiers", "maxiter=4", "-m", "resnet20", "-d", "femnist"],
+     ("--tiers needs a DEQ model",)),
+    (["--tiers", "maxiter=4", "--anderson_impl", "jaxopt"], ("batched Anderson",)),
+    (["--tiers", "DATA/none.json"], ("--tiers file", "does not exist")),
+    (["--eval_maxiter", "30"], ("--eval_maxiter is read only with --tiers",)),
 ]
 
 

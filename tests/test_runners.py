@@ -384,3 +384,16 @@ def test_dac_runner_completes(tmp_path, script):
     else:
         record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
         assert record["test_acc_tiers"] and record["macs_per_image_tiers"]
+
+
+def test_deq_tier_scripts_add_their_tiers_to_the_fedeq_runner(tmp_path):
+    tiers = ROOT / "runners" / "deq_tiers"
+    base = _flags_reaching_main(tmp_path / "base", ROOT / "runners/femnist/run_fedeq.sh")
+    for script, table in (("run_caps.sh", "name=cap4,maxiter=4;name=cap10,maxiter=10;"
+                           "name=cap20,maxiter=20"),
+                          ("run_widths.sh", "name=w25,width=0.25;name=w50,width=0.5;"
+                           "name=w100,width=1")):
+        argv = _script_argv(tmp_path / script, tiers / script, "femnist", "-r", "1")
+        assert Path(argv[0]).resolve() == (ROOT / "main.py").resolve()
+        assert _pairs(argv[1:]) == {**base, "--tiers": table, "--eval_maxiter": "40",
+                                    "-r": "1"}

@@ -141,32 +141,51 @@ class Engine:
         # Sub-model federations run each tier's clients with that tier's function and
         # are scored per tier on the pooled test set (InCo).
         self._tiered = hasattr(algorithm, "tier_client_fn")
+        self._tier_seconds: dict[str, float] = {}  # per tier, when tiers train apart
         if self._global_eval:
             self._global_test = _global_batches(data.global_test, cfg.global_eval_batch,
                                                 cfg.global_eval_drop_last)
             self._global_scorers: dict[int, Any] = {}
 
     # ----------------------------------------------------------------- evaluation
-    def _score(self, params, state, x, y, mask, rng):
-        """Sums of correct / loss / count over one client's padded examples, in chunks."""
+    def _score(self, params, state, x, y, mask, rng, budget=None):
+        """Sums of correct / loss / count over one client's padded examples, in chunks
+        (a DEQ's forward iterations too, summed over examples); `budget`: the client's
+        solver budget (FeDEQ tiers)."""
         def one_chunk(cx, cy, cm):
-            out, _ = self.task.apply(params, state, rng, cx, False)
-            return self.task.eval_sums(out.logits, cy, cm, cx)
+            budgeted = () if budget is None else (None, budget)
+            out, _ = self.task.apply(params, state, rng, cx, False, *budgeted)
+            sums = self.task.eval_sums(out.logits, cy, cm, cx)
+            if self.task.model.is_deq:
+                sums["solver_iters"] = out.solver_stats.fwd_iters * jnp.sum(
+                    cm.astype(jnp.float32))
+            return sums
 
         sums = map_chunks(one_chunk, (x, y), mask, self.cfg.eval_chunk)
         return jax.tree.map(lambda s: jnp.sum(s, 0), sums)
 
-    def _score_splits(self, params, state, splits, rng, with_train: bool = True):
+    def _budgets(self, client) -> dict[str, Any]:
+        """The solver budgets a client is scored at, by split-name suffix (FeDEQ tiers:
+        its tier's and the test-time cap's); one unbudgeted pass otherwise."""
+        hook = getattr(self.alg, "eval_budgets", None)
+        return {"": None} if hook is None else hook(client)
+
+    def _score_splits(self, params, state, splits, rng, with_train: bool = True,
+                      budgets: dict[str, Any] | None = None):
         """Sums for a client's test split and, unless skipped, its train split (or
-        whatever the algorithm's own `score_client` reports)."""
+        whatever the algorithm's own `score_client` reports), once per budget."""
         xtr, ytr, mtr, xte, yte, mte = splits
         own = self.alg.score_client(params, state, (xtr, ytr, mtr), (xte, yte, mte), rng,
                                     self.cfg.eval_chunk)
         if own is not None:
             return own
-        sums = {"test": self._score(params, state, xte, yte, mte, rng)}
+        budgets = budgets or {"": None}
+        budget = budgets[""]
+        sums = {}
+        for suffix, b in budgets.items():
+            sums["test" + suffix] = self._score(params, state, xte, yte, mte, rng, b)
         if with_train:
-            sums["train"] = self._score(params, state, xtr, ytr, mtr, rng)
+            sums["train"] = self._score(params, state, xtr, ytr, mtr, rng, budget)
         if self.cfg.reference_losses:
             # Weighted by the client's training examples n_i, as the reference weights
             # every client average (spec 2.1, 2.3).
@@ -175,7 +194,8 @@ class Engine:
                 if split in sums:
                     mean = self._on_own_length(
                         lambda x, y, m, split=split: self.task.reference_loss(
-                            params, state, rng, x, y, m, sums[split]), x, y, m)
+                            params, state, rng, x, y, m, sums[split],
+                            *(() if budget is None else (budget,))), x, y, m)
                     sums[split] = {**sums[split], "ref_loss": mean * n_train,
                                    "ref_weight": n_train}
         return sums
@@ -200,7 +220,8 @@ class Engine:
         def eval_client(shared, c):
             server, rng = shared
             params, state = self.alg.eval_params(server, c[0])
-            return self._score_splits(params, state, c[1:], rng, with_train)
+            return self._score_splits(params, state, c[1:], rng, with_train,
+                                      self._budgets(c[0]))
         return eval_client
 
     def _make_unseen_fns(self):
@@ -211,7 +232,7 @@ class Engine:
 
         def score(rng, c):
             (params, state), *splits = c
-            return self._score_splits(params, state, splits, rng)
+            return self._score_splits(params, state, splits, rng, budgets=self._budgets(None))
         return adapt, score
 
     def evaluate(self, server, clients, rng, with_train: bool = True) -> dict[str, float]:
@@ -243,7 +264,17 @@ class Engine:
                     self._scatter(old, jnp.asarray(rows), new))
                 self._fresh.setdefault(split, np.zeros(self.num_clients, bool))[rows] = True
         self.rescored = int(rows.size)
-        return _pooled({split: self._scores[split] for split in splits})
+        pooled = _pooled({split: self._scores[split] for split in splits})
+        tier_of = getattr(self.alg, "tier_of", None)
+        if tier_of is not None:   # per tier, over the tier's clients (FeDEQ tiers)
+            for k, name in enumerate(self.alg.tier_names):
+                rows = jnp.asarray(np.flatnonzero(tier_of == k))
+                if rows.size:
+                    part = _pooled({split: index(self._scores[split], rows)
+                                    for split in splits})
+                    for metric, value in part.items():
+                        pooled.setdefault(f"{metric}_tiers", {})[name] = value
+        return pooled
 
     def _splits_scored(self, fn, server, rng, per_client) -> tuple[str, ...]:
         """The splits `fn` reports (kNN-Per scores no train split); traced once per
@@ -347,6 +378,24 @@ class Engine:
                     names[k]: 3 * costs[k]["macs_per_image"] * self.cfg.batch_size
                     for k in tiers}}
 
+    def _tier_phases(self, cohort: np.ndarray, phase: jnp.ndarray) -> dict[str, Any]:
+        """Per tier in the cohort, its clients' solver figures (and MACs, where the
+        algorithm counts them from the iterations used: FeDEQ tiers)."""
+        counter = getattr(self.alg, "tier_macs", None)
+        if counter is None or not self.task.model.is_deq:
+            return {}
+        tiers = self.alg.tier_of[np.asarray(cohort)]
+        out: dict[str, dict[str, float]] = {}
+        for k in np.unique(tiers):
+            name = self.alg.tier_names[k]
+            means = _phase_means(phase[jnp.asarray(np.flatnonzero(tiers == k))], True)
+            means.update(counter(int(k), means))
+            for key in ("solver_iters", "solver_rel_residual", "bwd_iters", "bwd_residual",
+                        "local_loss", "macs_per_example", "train_macs_per_example"):
+                if key in means:
+                    out.setdefault(f"{key}_tiers", {})[name] = means[key]
+        return out
+
     def _cohort(self, rs: np.random.RandomState) -> np.ndarray:
         if self.alg.full_participation:  # the reference draws nothing then (spec 3.3)
             return np.arange(self.num_clients)
@@ -434,6 +483,7 @@ class Engine:
                       "train_seconds": t1 - t0,
                       **self._bytes(cohort, sent, stats, down_tree, old_server)}
             record.update(_phase_means(stats["phase"], self.task.model.is_deq))
+            record.update(self._tier_phases(cohort, stats["phase"]))
             # Every round is logged (bytes, seconds, solver counts); accuracy and
             # evaluation fields only in the rounds that were evaluated.
             postfix = {}
@@ -470,7 +520,8 @@ class Engine:
                 unsaved.clear()
 
         unseen = self._unseen(server, init_params, init_state, key, eval_rng)
-        self.final_server = server  # for callers that compare or reuse the trained model
+        # for callers that compare or reuse the trained model
+        self.final_server, self.final_clients, self.history = server, clients, history
         return self._summary(history, unseen)
 
     def _unseen(self, server, init_params, init_state, key, eval_rng) -> dict | None:
@@ -557,6 +608,7 @@ class Engine:
                 summary["params_tiers"] = {
                     n: c["params"] for n, c in zip(self.alg.tier_names, self.alg.tier_costs,
                                                    strict=True)}
+        summary.update(deq_tier_summary(history))
         if "fwd_solves" in last:  # training solves over all rounds
             for key in ("fwd_solves", "fwd_unconverged", "bwd_solves", "bwd_unconverged"):
                 summary[key] = int(sum(h[key] for h in history))
@@ -566,6 +618,23 @@ class Engine:
         if self.run_dir:
             self.run_dir.write_summary(summary)
         return summary
+
+
+def deq_tier_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """FeDEQ tiers: the last round's accuracy at the test-time cap, and per tier the mean
+    over rounds of its iterations, residual and MACs per example."""
+    last, out = history[-1], {}
+    for key in last:
+        if key.startswith("test_at") and key.endswith("_acc_tiers"):
+            out[f"final_{key}"] = last[key]
+    for key in ("solver_iters_tiers", "solver_rel_residual_tiers", "macs_per_example_tiers",
+                "train_macs_per_example_tiers", "test_solver_iters_tiers"):
+        rows = [h[key] for h in history if key in h]
+        names = sorted({n for r in rows for n in r})
+        if names:
+            out[f"mean_{key}"] = {n: float(np.mean([r[n] for r in rows if n in r]))
+                                  for n in names}
+    return out
 
 
 def _owned_bytes(sent: dict) -> np.ndarray:
@@ -628,6 +697,8 @@ def _pooled(sums: dict) -> dict[str, float]:
         out[f"{split}_loss"] = s["loss"] / max(s.get("loss_count", s["count"]), 1.0)
         if "ref_loss" in s:
             out[f"{split}_loss_reference"] = s["ref_loss"] / max(s["ref_weight"], 1.0)
+        if "solver_iters" in s:   # forward iterations per scored example
+            out[f"{split}_solver_iters"] = s["solver_iters"] / max(s["count"], 1.0)
     return out
 
 
@@ -639,6 +710,7 @@ def _phase_means(phase: jnp.ndarray, is_deq: bool) -> dict[str, float]:
     if is_deq:
         out.update(solver_iters=stat["fwd_iters"] / steps,
                    solver_residual=stat["fwd_residual"] / steps,
+                   solver_rel_residual=stat["fwd_rel_residual"] / steps,
                    bwd_iters=stat["bwd_iters"] / bwd_steps,
                    bwd_residual=stat["bwd_residual"] / bwd_steps,
                    fwd_solves=int(stat["fwd_solves"]),

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from deq.budget import current_budget
 from deq.fixed_point import PROBE_SIZE
 from models.base import HEAD_MARKER
 from trainers.optimizers import OptimizerSpec, as_optimizer
@@ -32,7 +33,7 @@ EPOCHS_STREAM = 0x0E0C   # folded into a client's key to draw its number of loca
 
 PHASE_STATS = ("steps", "loss", "fwd_iters", "fwd_residual", "bwd_steps", "bwd_iters",
                "bwd_residual", "fwd_solves", "fwd_unconverged", "bwd_solves",
-               "bwd_unconverged")
+               "bwd_unconverged", "fwd_rel_residual")
 
 # penalty(trainable, penalty_args, x, mask, out): the batch is there for penalties that are
 # scaled by it (text FeDEQ divides its ADMM terms by the batch's token count), the
@@ -98,10 +99,12 @@ def _make_step(task: Any, optimizer: OptimizerSpec | float, penalty: Penalty | N
     optimizer = as_optimizer(optimizer).build()
     augment = getattr(task, "augment", None)
 
-    def objective(tr, probe, st, frozen, penalty_args, x, y, m, key):
+    def objective(tr, probe, st, frozen, penalty_args, x, y, m, key, budget):
         if augment is not None:
             x = augment(jax.random.fold_in(key, AUGMENT_STREAM), x)
-        out, new_st = task.apply(merge(frozen, tr), st, key, x, True, probe)
+        # Only a tier's budget is passed: tasks without tiers keep their own signature.
+        budgeted = () if budget is None else (budget,)
+        out, new_st = task.apply(merge(frozen, tr), st, key, x, True, probe, *budgeted)
         loss = task.loss(out.logits, y, m, x)
         total = loss + task.l2(tr)
         if penalty is not None:
@@ -116,10 +119,11 @@ def _make_step(task: Any, optimizer: OptimizerSpec | float, penalty: Penalty | N
             g, aux = jax.grad(lambda t: objective(t, None, *rest), has_aux=True)(tr)
             return (g, jnp.zeros((PROBE_SIZE,), jnp.float32)), aux
 
-    def step(tr, opt_state, st, frozen, penalty_args, x, y, m, key):
+    def step(tr, opt_state, st, frozen, penalty_args, x, y, m, key, budget=None):
         batch = m.shape[-1]
         (g, g_probe), (st, loss, stats) = grad_fn(
-            tr, jnp.zeros((PROBE_SIZE,), jnp.float32), st, frozen, penalty_args, x, y, m, key)
+            tr, jnp.zeros((PROBE_SIZE,), jnp.float32), st, frozen, penalty_args, x, y, m, key,
+            budget)
         updates, opt_state = optimizer.update(g, opt_state, tr)
         tr = optax.apply_updates(tr, updates)
         if correction is not None:
@@ -128,7 +132,8 @@ def _make_step(task: Any, optimizer: OptimizerSpec | float, penalty: Penalty | N
         solved = (g_probe[0] != 0).astype(jnp.float32)
         row = jnp.stack([1.0, loss, stats.fwd_iters, stats.fwd_residual, solved,
                          g_probe[0] / batch, g_probe[1] / batch, float(batch),
-                         stats.fwd_unconverged, solved * batch, g_probe[2]])
+                         stats.fwd_unconverged, solved * batch, g_probe[2],
+                         stats.fwd_rel_residual])
         return tr, opt_state, st, row
 
     return step
@@ -159,6 +164,9 @@ def sgd_phase(task: Any, optimizer: OptimizerSpec | float, trainable: dict, froz
     batch = schedule.idx.shape[-1]
     sums = jnp.zeros((len(PHASE_STATS),), jnp.float32)
     backward_stats = reaches_solver(trainable)
+    # A tier's solver budget (deq/budget.py) enters the step as an argument, so one
+    # compiled step serves every tier.
+    budget = current_budget()
 
     if not isinstance(schedule.mask, jax.core.Tracer):
         step = _jitted_step(task, optimizer, penalty, backward_stats, correction)
@@ -168,7 +176,7 @@ def sgd_phase(task: Any, optimizer: OptimizerSpec | float, trainable: dict, froz
         for k in np.flatnonzero(mask.any(axis=1)):
             trainable, opt_state, state, row = step(
                 trainable, opt_state, state, frozen, penalty_args, data.x[idx[k]],
-                data.y[idx[k]], jnp.asarray(mask[k]), jax.random.fold_in(rng, int(k)))
+                data.y[idx[k]], jnp.asarray(mask[k]), jax.random.fold_in(rng, int(k)), budget)
             rows.append(row)
         return trainable, state, (jnp.sum(jnp.stack(rows), 0) if rows else sums)
 
@@ -182,7 +190,8 @@ def sgd_phase(task: Any, optimizer: OptimizerSpec | float, trainable: dict, froz
         def real_step(carry):
             tr, opt_state, st, sums = carry
             tr, opt_state, st, row = step(tr, opt_state, st, frozen, penalty_args,
-                                          data.x[i], data.y[i], m, jax.random.fold_in(rng, k))
+                                          data.x[i], data.y[i], m, jax.random.fold_in(rng, k),
+                                          budget)
             return tr, opt_state, st, sums + row
 
         return lax.cond(jnp.any(m), real_step, lambda c: c, carry), None

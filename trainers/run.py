@@ -25,9 +25,20 @@ from data.partition import shards_per_class
 from data.registry import DATASETS, dataset_partitions, load_dataset
 from data.shakespeare import SEQ_LEN, VOCAB_SIZE
 from deq.config import SolverConfig
-from models.registry import MODELS, build_mobilenet, build_model, submodel_family
+from models.deq_cost import deq_resnet_cost
+from models.deq_resnet import hidden_channels
+from models.deq_transformer import DEQ_TRANSFORMER_SOLVER
+from models.registry import (
+    DEQ_MODELS,
+    DEQ_RESNET_WIDTHS,
+    MODELS,
+    build_mobilenet,
+    build_model,
+    submodel_family,
+)
 from models.vit import VIT_SPLITS, load_vit_weights
 from trainers.algorithms.base import HParams
+from trainers.algorithms.deq_tiers import DeqTiers
 from trainers.algorithms.fedeq import FedEQConfig
 from trainers.channel_setup import (
     budget_tiers,
@@ -37,6 +48,7 @@ from trainers.channel_setup import (
     server_config,
     width_tiers,
 )
+from trainers.deq_tier_table import assign_tiers, parse_tiers, tiers_json
 from trainers.engine import Engine, RunConfig
 from trainers.names import SUBMODEL_TRAINERS
 from trainers.registry import (
@@ -51,7 +63,7 @@ from trainers.submodel_setup import build_submodel_federation, submodel_lines
 from trainers.task import make_task
 from utils import checkpoint
 from utils.input_error import InputError, input_errors
-from utils.rundir import RunDir
+from utils.rundir import RunDir, atomic_write
 
 _DEFAULT_CLIENTS = {"synthetic": 30, "femnist": 100, "cifar10": 100, "cifar100": 100,
                     "shakespeare": 200}
@@ -83,6 +95,9 @@ class RunRequest:
     data_kwargs: dict = field(default_factory=dict)  # labels per client, source, partition
     submodels: tuple[str, ...] = ()   # InCo: the tiers' models, server last; () otherwise
     channel_tiers: tuple = ()         # DAC / HeteroFL: ChannelTiers, smallest first
+    solver_tiers: tuple = ()          # FeDEQ compute tiers (--tiers), as given
+    tier_assignment: str = "groups"
+    eval_maxiter: int | None = None
     inco: InCoConfig = InCoConfig()
     augment: str = "none"
     model_kwargs: dict = field(default_factory=dict)  # ViT patch and image size
@@ -218,6 +233,8 @@ class RunRequest:
                          "partition": partition, "alpha": f.alpha,
                          "partition_file": f.partition_file},
             submodels=submodels, channel_tiers=channel_tiers,
+            solver_tiers=_solver_tiers(f, model, bool(submodels or channel_tiers)),
+            tier_assignment=f.tier_assignment, eval_maxiter=f.eval_maxiter,
             inco=InCoConfig(mode=f.inco_mode, clamp_max=f.inco_clamp_max,
                             clip=f.inco_clip or None),
             augment=augment,
@@ -326,6 +343,32 @@ def _check_partition(f: Any, dataset: str, partition: str, num_clients: int) -> 
             dac_partition(np.zeros(50_000, np.int64), num_clients, partition, 0)
 
 
+def _solver_tiers(f: Any, model: str, heterogeneous: bool) -> tuple:
+    """FeDEQ's --tiers, checked against the model and solver they need."""
+    if not f.tiers:
+        _check(f.eval_maxiter is None, "--eval_maxiter is read only with --tiers")
+        return ()
+    _check(not heterogeneous, "--tiers gives DEQ clients solver and width tiers; it does "
+           "not combine with sub-model or channel tiers (--submodels, --budgets)")
+    _check(model in DEQ_MODELS, f"--tiers needs a DEQ model ({', '.join(DEQ_MODELS)}), not "
+           f"--model {model}")
+    _check(model == "deq_transformer" or (f.fwd_solver == "anderson"
+                                          and f.anderson_impl == "batched"),
+           "--tiers passes iteration caps as data, which needs the batched Anderson solver: "
+           "--fwd_solver anderson --anderson_impl batched")
+    _check(f.eval_maxiter is None or f.eval_maxiter >= 1, "--eval_maxiter must be >= 1")
+    with input_errors():
+        tiers = tuple(parse_tiers(f.tiers))
+    widths = model in DEQ_RESNET_WIDTHS
+    _check(widths or all(t.width == 1 for t in tiers), f"--tiers: {model}'s block has no "
+           "width tiers; give every tier width 1 (caps and tolerances still apply)")
+    if model == "deq_transformer":   # its Broyden's memory is sized by the static cap
+        cap = DEQ_TRANSFORMER_SOLVER.maxiter
+        _check(all((t.maxiter or cap) <= cap for t in tiers) and (f.eval_maxiter or 0) <= cap,
+               f"--tiers / --eval_maxiter: the DEQ-Transformer's caps can be at most {cap}")
+    return tiers
+
+
 def _channel_tiers(f: Any) -> tuple:
     """DAC's budgets (--budgets + --dac_snapshots) or HeteroFL's --width_multipliers."""
     if not f.budgets and not f.width_multipliers:
@@ -408,12 +451,44 @@ def _build(req: RunRequest, seed: int) -> tuple[Any, Any, Any]:
     else:
         task = task_for(req.model)
         algorithm = build_algorithm(req.trainer, task, req.hp, req.options)
+        if req.solver_tiers:
+            algorithm = build_deq_tiers(algorithm, req, data, seed)
+            print(deq_tier_lines(algorithm), flush=True)
     seen = len(data.train)
     # The engine's own cohort size (it refuses an empty cohort with a plain ValueError).
     _check(algorithm.full_participation or int((req.run.clients_per_round * seen) // 1) >= 1,
            f"--clients_per_round {req.run.clients_per_round} samples no client out of the "
            f"{seen} seen clients; use a fraction in [{1 / max(seen, 1):.4g}, 1]")
     return data, task, algorithm
+
+
+def build_deq_tiers(base: Any, req: RunRequest, data: Any, seed: int) -> DeqTiers:
+    """The FeDEQ tier wrapper: tiers resolved against the run's solver and epochs,
+    clients assigned, the MAC counter at each tier's width."""
+    solver = DEQ_TRANSFORMER_SOLVER if req.model == "deq_transformer" else req.solver
+    tiers = [t.resolved(solver.maxiter, solver.tol, solver.bwd_maxiter, req.hp.local_epochs,
+                        solver.bwd_solver) for t in req.solver_tiers]
+    tier_of = assign_tiers(len(data.train), len(tiers), req.tier_assignment, seed)
+    widths = DEQ_RESNET_WIDTHS.get(req.model)
+    costs = None
+    if widths is not None:
+        c1, c2 = widths
+        costs = [deq_resnet_cost(tuple(data.input_shape), c1, len(hidden_channels(c2, t.width)),
+                                 data.num_classes) for t in tiers]
+    with input_errors():
+        return DeqTiers(base, tiers, tier_of, widths[1] if widths else None,
+                        solver.bwd_solver, req.eval_maxiter, costs)
+
+
+def deq_tier_lines(alg: DeqTiers) -> str:
+    counts = np.bincount(alg.tier_of, minlength=len(alg.tiers))
+    lines = ["FeDEQ tiers (fwd cap / tol, bwd cap, width, epochs):"]
+    for k, t in enumerate(alg.tiers):
+        macs = (f", {alg.costs[k].forward(t.maxiter) / 1e6:.1f}M MACs/example at the cap"
+                if alg.costs else "")
+        lines.append(f"  {t.name:8s} {t.maxiter:>3d} / {t.tol:g}, {t.bwd_maxiter:>3d}, "
+                     f"{t.width:g}, {t.epochs}: {counts[k]} clients{macs}")
+    return "\n".join(lines)
 
 
 def _engine(req: RunRequest, seed: int, built: tuple[Any, Any, Any],
@@ -430,9 +505,20 @@ def _engine(req: RunRequest, seed: int, built: tuple[Any, Any, Any],
 
 def build_engine(req: RunRequest, seed: int, run_dir: RunDir | None) -> Engine:
     built = _build(req, seed)
-    if run_dir is not None and built[0].partition is not None:
-        run_dir.write_partition(built[0].partition)  # the clients this seed drew
+    _write_assignment(run_dir, built)
     return _engine(req, seed, built, run_dir)
+
+
+def _write_assignment(run_dir: RunDir | None, built: tuple[Any, Any, Any]) -> None:
+    """Which examples each client holds (partition.npz) and, with --tiers, the resolved
+    tier table and every client's tier (tiers.json)."""
+    if run_dir is None:
+        return
+    if built[0].partition is not None:
+        run_dir.write_partition(built[0].partition)  # the clients this seed drew
+    if isinstance(built[2], DeqTiers):
+        text = tiers_json(built[2].tiers, built[2].tier_of)
+        run_dir.on_release(lambda: atomic_write(run_dir.path / "tiers.json", text))
 
 
 class RepeatFailed(RuntimeError):
@@ -534,8 +620,7 @@ def _run_all(req: RunRequest) -> tuple[RunDir, list[dict]]:
                 run_dir.on_release(root.release)
         if req.repeat > 1:
             run_dir.write_flags({**req.flags, "seed": seed})
-        if built[0].partition is not None:
-            run_dir.write_partition(built[0].partition)  # the clients this seed drew
+        _write_assignment(run_dir, built)
         summaries.append(_engine(req, seed, built, run_dir).run())
     assert root is not None
     return root, summaries
@@ -570,10 +655,18 @@ def summary_lines(s: dict, repeat: int, test: np.ndarray, outdir: str) -> list[s
         up = s.get("up_bytes_per_client_tiers", {}).get(name)
         down = s.get("down_bytes_per_client_tiers", {}).get(name)
         macs = s.get("macs_per_image_tiers", {}).get(name)
+        iters = s.get("mean_solver_iters_tiers", {}).get(name)
+        deq_macs = s.get("mean_train_macs_per_example_tiers", {}).get(name)
+        at = [(k[len("final_test_at"):-len("_acc_tiers")], v[name]) for k, v in s.items()
+              if k.startswith("final_test_at") and name in v]
         lines.append(f"  {name:14s}  test acc {acc:.4f}"
+                     + "".join(f" (at cap {cap}: {a:.4f})" for cap, a in at)
                      + (f", up {up / 1e6:.2f} MB per client" if up is not None else "")
                      + (f", down {down / 1e6:.2f} MB" if down is not None else "")
-                     + (f", {macs / 1e6:.1f}M MACs per image" if macs is not None else ""))
+                     + (f", {macs / 1e6:.1f}M MACs per image" if macs is not None else "")
+                     + (f", {iters:.1f} solver iterations" if iters is not None else "")
+                     + (f", {deq_macs / 1e6:.0f}M training MACs per example"
+                        if deq_macs is not None else ""))
     if "unseen_test_acc" in s:
         lines.append(f"unseen test acc   {_accuracy(s['unseen_test_acc'])} "
                      f"(train {_accuracy(s['unseen_train_acc'])})")

@@ -25,9 +25,13 @@ class _ModelTask:
     model: ModelSpec
     l2_reg: float = 0.0
 
-    def apply(self, params, state, rng, x, is_training: bool, probe=None
+    def apply(self, params, state, rng, x, is_training: bool, probe=None, budget=None
               ) -> tuple[ModelOutput, dict]:
-        return self.model.transformed.apply(params, state, rng, x, is_training, probe)
+        """`budget`: a DEQ model's traced solver budget (deq/budget.py); other models
+        never receive one."""
+        extra = () if budget is None else (budget,)
+        return self.model.transformed.apply(params, state, rng, x, is_training, probe,
+                                            *extra)
 
     def l2(self, params) -> jnp.ndarray:
         if not self.l2_reg:
@@ -53,14 +57,14 @@ class ClassificationTask(_ModelTask):
         return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
     def reference_loss(self, params, state, rng, x: jnp.ndarray, y: jnp.ndarray,
-                       mask: jnp.ndarray, sums: dict) -> jnp.ndarray:
+                       mask: jnp.ndarray, sums: dict, budget=None) -> jnp.ndarray:
         """The loss the reference logs for a client (spec 2.3): mean cross-entropy of a
         training-mode forward pass over the client's whole set as one batch, so every
         BatchNorm uses that set's statistics (padding excluded). Model state updates are
         dropped, as the reference drops them."""
         del sums
         with batch_statistics_over(mask):
-            out, _ = self.apply(params, state, rng, x, True)
+            out, _ = self.apply(params, state, rng, x, True, None, budget)
         return self.loss(out.logits, y, mask)
 
     def eval_sums(self, logits: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray,
@@ -104,11 +108,11 @@ class TextTask(_ModelTask):
         return jnp.sum(nll * tokens) / jnp.maximum(jnp.sum(tokens), 1.0)
 
     def reference_loss(self, params, state, rng, x: jnp.ndarray, y: jnp.ndarray,
-                       mask: jnp.ndarray, sums: dict) -> jnp.ndarray:
+                       mask: jnp.ndarray, sums: dict, budget=None) -> jnp.ndarray:
         """The client's mean token NLL (the text models have no BatchNorm, and their
         dropout is on at evaluation as in the reference, so the evaluation pass's sums
         already hold it)."""
-        del params, state, rng, x, y, mask
+        del params, state, rng, x, y, mask, budget
         return sums["loss"] / jnp.maximum(sums["loss_count"], 1.0)
 
     def eval_sums(self, logits: jnp.ndarray, y: jnp.ndarray, mask: jnp.ndarray,

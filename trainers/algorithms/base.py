@@ -127,6 +127,12 @@ class Algorithm:
                                             schedule.stream(0, self.hp.personal_epochs), rng)
         return merge(body, head), state
 
+    def confine(self, client: PyTree, server: PyTree, ownership: Callable) -> PyTree:
+        """After the update of a client that owns only some entries (FeDEQ width tiers,
+        trainers/algorithms/deq_tiers.py): its record with the entries it does not own
+        reset. `ownership(tree)` gives a tree's masks."""
+        raise TypeError(f"{self.name} has no width tiers; give every tier width 1")
+
     def score_client(self, params: PyTree, state: PyTree, train: tuple, test: tuple,
                      rng: jax.Array, chunk: int) -> dict | None:
         """None: the engine scores the client with pooled accuracy and loss.

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import jax
 import jax.numpy as jnp
 
+from trainers.aggregation import owner_count, owner_mean, split_owned
 from trainers.algorithms.base import Algorithm, HParams, as_float, phase_stats
 from trainers.task import token_mask
 from utils.pytree import (
@@ -33,7 +34,6 @@ from utils.pytree import (
     tree_sub,
     tree_vdot,
     tree_where,
-    weighted_mean,
 )
 
 
@@ -137,10 +137,29 @@ class FedEQ(Algorithm):
                                     "downloaded": as_float(~keep_own)}
 
     def server_update(self, server, uploads, weights):
-        mean = weighted_mean(uploads, weights)
+        # Over each entry's owners: width tiers own only some hidden channels.
+        sent, owned = split_owned(uploads)
+        mean = owner_mean(sent, weights, owned)
+        if owned is not None:   # entries no sampled client owns keep the server's value
+            held = owner_count(owned, 0)
+            mean = jax.tree.map(lambda m, n, old: jnp.where(n > 0, m, old), mean, held,
+                                {"theta": server["theta"], "state": server["state"]})
         return {"theta": mean["theta"], "state": mean["state"],
                 "prev_theta": server["theta"], "prev_state": server["state"],
                 "round": server["round"] + 1}
+
+    def confine(self, client, server, ownership):
+        """After a narrowed client's update (`ownership(tree)`: its masks): the
+        entries it does not own hold the server's value and their duals stay at their
+        start, so the consensus terms exist only on owned entries. (The block's masked
+        forward pass never reads those entries and the ADMM terms are separable, so
+        nothing else a client computes depended on them.)"""
+        owned = ownership(client["theta"])
+        keep = lambda mine, other, m: jnp.where(m > 0, mine, other)
+        theta = jax.tree.map(keep, client["theta"], server["theta"], owned)
+        start = jax.tree.map(lambda x: jnp.full_like(x, self.cfg.lam_init), client["lam"])
+        lam = jax.tree.map(keep, client["lam"], start, owned)
+        return {**client, "theta": theta, "lam": lam}
 
     def eval_params(self, server, client):
         return merge(client["theta"], client["phi"]), client["state"]

@@ -113,11 +113,13 @@ def write_json(path: Path, value: Any) -> None:
 
 def train(forward: Callable, settings: TrainSettings, data: tuple[np.ndarray, ...],
           out_dir: Path | None, penalty: Callable[[Any], jnp.ndarray] | None = None,
-          on_epoch: Callable[[int, Any, dict], dict] | None = None, desc: str = "train",
-          quiet: bool = False) -> list[dict[str, Any]]:
+          on_epoch: Callable[[int, Any, Any, dict], dict] | None = None, desc: str = "train",
+          quiet: bool = False, augment: Callable | None = None) -> list[dict[str, Any]]:
     """Train `forward` (a models.* forward function) and return one record per epoch:
     lr, summed and mean loss, train and test accuracy, seconds; `on_epoch(epoch,
-    params, record)` may add fields (the search's snapshot)."""
+    params, state, record)` may add fields (the search's snapshot). `augment(key, x)`: DAC's
+    CIFAR crop and flip by default."""
+    augment = augment or _augment
     x_train, y_train, x_test, y_test = data
     model = hk.transform_with_state(forward)
     key = jax.random.PRNGKey(settings.seed)
@@ -126,7 +128,7 @@ def train(forward: Callable, settings: TrainSettings, data: tuple[np.ndarray, ..
     mu, wd = settings.momentum, settings.weight_decay
 
     def objective(p, st, x, y, k):
-        out, st = model.apply(p, st, None, _augment(k, x), True)
+        out, st = model.apply(p, st, None, augment(k, x), True)
         ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out.logits, y))
         total = ce + (penalty(p) if penalty is not None else 0.0)
         return total, (st, jnp.sum(jnp.argmax(out.logits, -1) == y))
@@ -173,7 +175,7 @@ def train(forward: Callable, settings: TrainSettings, data: tuple[np.ndarray, ..
                   "test_acc": test_correct / len(y_test), "train_seconds": train_seconds,
                   "seconds": time.perf_counter() - start}
         if on_epoch is not None:
-            record.update(on_epoch(epoch, params, record))
+            record.update(on_epoch(epoch, params, state, record))
         history.append(record)
         if out_dir is not None:
             with open(out_dir / "log.jsonl", "a") as f:

@@ -40,7 +40,8 @@ def run_search(data_dir: str, out: Path, settings: TrainSettings, penalty_factor
     data = load_centralised(data_dir, settings)
     snapshots: list[Snapshot] = []
 
-    def on_epoch(epoch, params, record):
+    def on_epoch(epoch, params, state, record):
+        del state
         cfg, channels = pruned_config(params, threshold, floor)
         snap = Snapshot(str(epoch), count_macs(cfg), count_params(cfg), cfg,
                         tuple(tuple(c) for c in channels), record["test_acc"])
