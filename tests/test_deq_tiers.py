@@ -306,3 +306,35 @@ def test_tier_budgets_give_the_loop_numbers_under_other_executors(executor):
     for key in ("final_test_acc", "final_train_acc"):
         assert other[key] == pytest.approx(loop[key], abs=1e-6)
     assert other["final_test_acc_tiers"] == pytest.approx(loop["final_test_acc_tiers"])
+
+
+@pytest.mark.slow
+def test_text_fedeq_runs_with_iteration_tiers(tmp_path, shared_compile_env):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import TINY_SHAKESPEARE_FLAGS, write_tiny_shakespeare
+
+    root = Path(__file__).resolve().parent.parent
+    write_tiny_shakespeare(tmp_path / "data")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(root / "main.py"), "--trainer", "fedeq_text", "-d", "shakespeare",
+         "--data_dir", str(tmp_path / "data"), *TINY_SHAKESPEARE_FLAGS, "-t", "1",
+         "-lr", "0.1", "--tiers", "maxiter=3;maxiter=20", "--eval_maxiter", "20",
+         "-o", str(out)], cwd=root, env=shared_compile_env, capture_output=True, text=True,
+        timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # Round 0 trains one client of each tier from the same model. Head steps solve twice
+    # (eval_resolve), so with -pe 1 -le 1 a cap of c averages 1.5 c. (Later rounds start
+    # from an average that includes a 3-step client, where the Broyden may stop early
+    # on its divergence guard: only the caps bound them.)
+    assert rounds[0]["solver_iters_tiers"] == {"tier0": 4.5, "tier1": 30.0}
+    for r in rounds:
+        assert r["solver_iters_tiers"].get("tier0", 0) <= 6
+        assert r["solver_iters_tiers"].get("tier1", 0) <= 40
+    assert set(rounds[-1]["test_at20_acc_tiers"]) == {"tier0", "tier1"}
+    assert json.loads((out / "tiers.json").read_text())["tier_of"] == [0, 0, 1, 1]

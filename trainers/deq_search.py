@@ -131,15 +131,20 @@ def run_search(dataset: str, data_dir: str, num_clients: int, out: Path,
 
 
 FLAGS = flags.FLAGS
-define_training_flags("runs/deq_search", epochs=10, lr=0.01, batch_size=256)
-flags.DEFINE_string("dataset", "femnist", f"dataset: {', '.join(MODEL_OF)}")
-flags.DEFINE_integer("num_clients", 100, "clients whose training sets are pooled")
-flags.DEFINE_list("macs_budgets", [], "MACs-per-example budgets, one tier each")
-flags.DEFINE_integer("maxiter", 20, "the forward solver's cap during the search and in the "
-                     "tiers it writes")
-flags.DEFINE_float("penalty_factor", PENALTY_FACTOR, "rho: weight of entropy + 0.1 bound")
-flags.DEFINE_float("threshold", THRESHOLD, "a channel is removed when |gate| < this")
-flags.DEFINE_integer("floor", GROUPS, "fewest hidden channels kept")
+
+
+def define_flags() -> None:
+    """Defined only when run as a program: the tests import this module beside main.py,
+    whose flags (--data_dir, ...) share absl's one registry."""
+    define_training_flags("runs/deq_search", epochs=10, lr=0.01, batch_size=256)
+    flags.DEFINE_string("dataset", "femnist", f"dataset: {', '.join(MODEL_OF)}")
+    flags.DEFINE_integer("num_clients", 100, "clients whose training sets are pooled")
+    flags.DEFINE_list("macs_budgets", [], "MACs-per-example budgets, one tier each")
+    flags.DEFINE_integer("maxiter", 20, "the forward solver's cap during the search and in "
+                         "the tiers it writes")
+    flags.DEFINE_float("penalty_factor", PENALTY_FACTOR, "rho: weight of entropy + 0.1 bound")
+    flags.DEFINE_float("threshold", THRESHOLD, "a channel is removed when |gate| < this")
+    flags.DEFINE_integer("floor", GROUPS, "fewest hidden channels kept")
 
 
 def main(argv):
@@ -166,4 +171,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
