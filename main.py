@@ -25,7 +25,9 @@ from trainers.names import SUBMODEL_TRAINERS
 from trainers.optimizers import OPTIMIZERS
 from trainers.registry import TRAINERS
 from trainers.run import RepeatFailed
+from trainers.sharding import DEVICE_EXECUTORS
 from utils.checkpoint import CheckpointError
+from utils.distributed import initialize, is_writer, settings_from_env
 from utils.input_error import InputError
 
 FLAGS = flags.FLAGS
@@ -90,6 +92,16 @@ flags.DEFINE_alias("local_epochs", "inner_epochs")
 # Ours.
 flags.DEFINE_enum("executor", None, EXECUTORS, "how a cohort's clients run (default: the "
                   "fastest measured on this backend)")
+flags.DEFINE_enum("device_executor", None, DEVICE_EXECUTORS, "--executor sharded: what "
+                  "runs each device's block of clients (default: loop on CPU, vmap otherwise)")
+flags.DEFINE_integer("cpu_devices", None, "expose this many CPU devices in this process "
+                     "(XLA's host platform), e.g. to try --executor sharded on one machine")
+flags.DEFINE_string("coordinator", None, "several processes (jax.distributed): HOST:PORT of "
+                    "process 0, the same for all (or JAX_COORDINATOR_ADDRESS)")
+flags.DEFINE_integer("num_processes", None, "several processes: how many (or "
+                     "JAX_NUM_PROCESSES); runners/distributed.sh starts them on one machine")
+flags.DEFINE_integer("process_id", None, "several processes: this one's index, 0..N-1 (or "
+                     "JAX_PROCESS_ID); only process 0 writes files and prints")
 flags.DEFINE_integer("eval_train_every", RunConfig.eval_train_every, "score the (large) "
                      "train split only every this many rounds and the last (0: never); other "
                      "rounds log it as NaN / null")
@@ -211,10 +223,17 @@ def main(argv: list[str]) -> None:
         raise InputError(f"unexpected arguments: {' '.join(argv[1:])}; every setting is a "
                          f"flag (--name=value), see python main.py --helpshort")
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    # Before JAX touches a device: forced CPU devices, then the other processes.
+    initialize(*settings_from_env(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id),
+               cpu_devices=FLAGS.cpu_devices)
     from trainers.run import RunRequest, run_repeats
 
-    request = RunRequest.from_flags(FLAGS, _default_model, _outdir)
-    run_repeats(request)
+    # Process 0 alone prints the run's output (errors still reach stderr everywhere).
+    quiet = contextlib.nullcontext() if is_writer() else contextlib.redirect_stdout(
+        open(os.devnull, "w"))
+    with quiet:
+        request = RunRequest.from_flags(FLAGS, _default_model, _outdir)
+        run_repeats(request)
 
 
 # ---------------------------------------------------------------- what reaches the user

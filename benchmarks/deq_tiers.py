@@ -9,7 +9,7 @@ width tiers (1/4, 1/2, 1 of the block's hidden channels), and the cap tiers with
 Jacobian-free gradient; every client is also scored at --eval_maxiter (test-time
 compute). Then prints one markdown row per (run, tier) and plots test accuracy against
 training MACs per example. The settings are reduced for a CPU (one representation and
-one head epoch, 6 rounds); pass --rounds / --extra to change them.
+one head epoch, 5 rounds); pass --rounds or any main.py flag to change them.
 """
 
 import argparse
@@ -128,10 +128,12 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--eval_maxiter", type=int, default=40)
-    p.add_argument("--extra", nargs="*", default=[], help="more main.py flags")
+    p.add_argument("--extra", nargs="*", default=[],
+                   help="more main.py flags (flags this script does not know also pass)")
     p.add_argument("--report", default=None, help="only tabulate the runs in this folder")
     p.add_argument("--plot", default=None, help="write the accuracy-vs-MACs plot here")
-    args = p.parse_args()
+    args, passthrough = p.parse_known_args()
+    args.extra = [*args.extra, *passthrough]
     folder = Path(args.report or args.out)
     if args.report is None:
         run_all(args)

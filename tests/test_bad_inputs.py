@@ -158,6 +158,13 @@ ROWS = [
     (["--tiers", "maxiter=4", "--anderson_impl", "jaxopt"], ("batched Anderson",)),
     (["--tiers", "DATA/none.json"], ("--tiers file", "does not exist")),
     (["--eval_maxiter", "30"], ("--eval_maxiter is read only with --tiers",)),
+    (["--num_processes", "2"], ("needs --coordinator HOST:PORT",)),
+    (["--process_id", "1"], ("without --num_processes",)),
+    (["--num_processes", "2", "--coordinator", "127.0.0.1:1", "--process_id", "2"],
+     ("--process_id=2", "0 to 1")),
+    (["--cpu_devices", "0"], ("--cpu_devices=0", "at least 1")),
+    (["--device_executor", "map", "--executor", "loop"],
+     ("--device_executor map is read only with --executor sharded",)),
 ]
 
 

@@ -113,14 +113,14 @@ ADAM = HParams(lr=0.01, local_epochs=1, optimizer="adam", weighted=False)
 
 
 def _engine(trainer, options=None, tiers=("resnet10", "resnet26"), hp=ADAM, rounds=0,
-            run_dir=None, **cfg):
+            run_dir=None, executor="loop", **cfg):
     options = options or AlgorithmOptions()
     data = _data()
     tasks = [_task(n) for n in tiers]
     alg = build_submodel_federation(trainer, tiers, tasks, hp, options, InCoConfig(),
                                     data.num_clients, jnp.asarray(data.train[0].x[:2]))
     run = RunConfig(num_rounds=rounds, seed=1, clients_per_round=0.5, batch_size=4,
-                    executor="loop", quiet=True, global_eval_batch=8, **cfg)
+                    executor=executor, quiet=True, global_eval_batch=8, **cfg)
     return Engine(data, tasks[-1], alg, run, run_dir)
 
 

@@ -42,6 +42,7 @@ class RunConfig:
     eval_every: int = 1
     eval_train_every: int = 1
     executor: str = ""
+    device_executor: str = ""   # --executor sharded: what runs each device's clients
     vmap_chunk: int = 10
     eval_chunk: int = 16  # small clients: padding to 32 cost 10% more on FEMNIST
     sample_with_replacement: bool = False
@@ -107,7 +108,8 @@ class Engine:
         is refused on resume."""
         self.data, self.task, self.alg, self.cfg, self.run_dir = data, task, algorithm, cfg, run_dir
         self.settings = {**(settings or {}), **algorithm.resume_settings}
-        self.executor = Executor(cfg.executor or default_executor(), cfg.vmap_chunk)
+        self.executor = Executor(cfg.executor or default_executor(), cfg.vmap_chunk,
+                                 device_executor=cfg.device_executor)
         self.num_clients = len(data.train)
         self.cohort_size = (self.num_clients if algorithm.full_participation
                             else int((cfg.clients_per_round * self.num_clients) // 1))
@@ -513,7 +515,8 @@ class Engine:
                                           f"{record['bwd_unconverged']}/{record['bwd_solves']}")
             bar.set_postfix(postfix)
             every = cfg.checkpoint_every
-            if self.run_dir and ((every and (r + 1) % every == 0) or r == cfg.num_rounds):
+            if self.run_dir and self.run_dir.writer and (
+                    (every and (r + 1) % every == 0) or r == cfg.num_rounds):
                 checkpoint.save(self.run_dir.path, checkpoint.RunState(
                     r + 1, server, clients, rs.get_state(), np.asarray(key), history),
                     self.settings, changed=np.asarray(sorted(unsaved), int))
@@ -567,7 +570,7 @@ class Engine:
             f"({tree_bytes(head) / 1e6:.3f} MB), model state {tree_size(state):,}",
             f"data: {self.data.summary()}",
             f"algorithm {self.alg.name}: {self.cohort_size} of {self.num_clients} clients per "
-            f"round, {self.cfg.num_rounds + 1} rounds, executor {self.executor.kind}",
+            f"round, {self.cfg.num_rounds + 1} rounds, executor {self.executor.describe()}",
         ]
         print("\n".join(lines), flush=True)  # -q silences per-round output only
         self.model_info = {"params": tree_size(params), "shared": tree_size(shared),

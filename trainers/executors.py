@@ -1,8 +1,10 @@
 """How a cohort's clients run: `vmap` (all at once), `map` (one after another inside one
-compiled program), `loop` (a Python loop over one jitted client, like the reference) or
-`threads` (the loop's clients spread over one thread per core).
+compiled program), `loop` (a Python loop over one jitted client, like the reference),
+`threads` (the loop's clients spread over one thread per core) or `sharded` (the cohort
+split over every device of every process, each device running its block with one of the
+first three; trainers/sharding.py).
 
-All three run the same per-client function and give the same numbers up to float
+All of them run the same per-client function and give the same numbers up to float
 tolerance. On CPU, `vmap` over clients with their own weights turns convolutions into
 grouped convolutions and was measured slower than a loop, so the default is chosen per
 backend from the benchmark (docs/PERFORMANCE.md), not assumed.
@@ -22,9 +24,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from trainers.sharding import DEVICE_EXECUTORS, ShardedRunner, default_device_executor
 from utils.pytree import index, stack
 
-EXECUTORS = ("loop", "threads", "map", "vmap")
+EXECUTORS = ("loop", "threads", "map", "vmap", "sharded")
 ClientFn = Callable[[Any, Any], Any]
 
 
@@ -40,13 +43,30 @@ def _num_clients(per_client: Any) -> int:
 class Executor:
     """Runs `fn(shared, one_client)` for every client of `per_client` (leading axis)."""
 
-    def __init__(self, kind: str, vmap_chunk: int = 10, workers: int | None = None):
+    def __init__(self, kind: str, vmap_chunk: int = 10, workers: int | None = None,
+                 device_executor: str = ""):
+        """`device_executor`: what runs each device's block under `sharded` (default:
+        the fastest measured on the backend)."""
         if kind not in EXECUTORS:
             raise ValueError(f"executor {kind!r} unknown; allowed: {', '.join(EXECUTORS)}")
+        self.device_executor = device_executor or default_device_executor()
+        if self.device_executor not in DEVICE_EXECUTORS:
+            raise ValueError(f"device executor {self.device_executor!r} unknown; allowed: "
+                             f"{', '.join(DEVICE_EXECUTORS)}")
         self.kind = kind
         self.vmap_chunk = vmap_chunk
         self.workers = workers or os.cpu_count() or 1
         self._compiled: dict[int, Callable] = {}
+        self._runner: ShardedRunner | None = None
+
+    def describe(self) -> str:
+        if self.kind != "sharded":
+            return self.kind
+        processes = jax.process_count()
+        n = len(jax.devices())
+        return (f"sharded over {n} device{'s' if n != 1 else ''}"
+                + (f" of {processes} processes" if processes > 1 else "")
+                + f", {self.device_executor} per device")
 
     def __call__(self, fn: ClientFn, shared: Any, per_client: Any, trains: bool = False
                  ) -> Any:
@@ -58,6 +78,16 @@ class Executor:
         return self._compiled[key](shared, per_client)
 
     def _compile(self, fn: ClientFn, trains: bool) -> Callable:
+        if self.kind == "sharded":
+            if self._runner is None:   # one mesh for every function this executor runs
+                self._runner = ShardedRunner()
+            runner = self._runner
+            if self.device_executor == "loop":
+                one_device = Executor("loop")._compile(fn, trains)
+                return lambda shared, pc: runner.run(one_device, shared, pc)
+            body = ((lambda shared, pc: lax.map(lambda c: fn(shared, c), pc))
+                    if self.device_executor == "map" else jax.vmap(fn, in_axes=(None, 0)))
+            return lambda shared, pc: runner.run_spmd(body, shared, pc)
         if self.kind in ("loop", "threads"):
             one = fn if trains else jax.jit(fn)
             if self.kind == "loop":

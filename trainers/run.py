@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -62,6 +63,7 @@ from trainers.server_transforms import InCoConfig
 from trainers.submodel_setup import build_submodel_federation, submodel_lines
 from trainers.task import make_task
 from utils import checkpoint
+from utils.distributed import is_writer
 from utils.input_error import InputError, input_errors
 from utils.rundir import RunDir, atomic_write
 
@@ -71,9 +73,11 @@ _DEFAULT_ROUNDS = {"synthetic": 30}
 _TEXT_DATASETS = frozenset({"shakespeare"})
 # Flags that may differ when a run is resumed: none of them changes a trained number
 # (a larger --num_rounds extends a finished run).
+# (A process's index and the coordinator's address differ between the processes of one
+# run and between its starts.)
 _RESUMABLE_CHANGES = frozenset({"outdir", "quiet", "num_rounds", "checkpoint_every", "repeat",
-                                "rescore_unchanged",
-                                "repeat_mode"})
+                                "rescore_unchanged", "repeat_mode", "process_id",
+                                "coordinator"})
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,16 @@ class RunRequest:
         _check(not f.vit_weights or os.path.isfile(f.vit_weights),
                f"--vit_weights {f.vit_weights}: no such file; pass an .npz of ViT-S weights "
                f"(timm or AugReg names), or leave the flag out to train from scratch")
+        processes = jax.process_count()   # after utils.distributed.initialize
+        executor = f.executor or ("sharded" if processes > 1 else "")
+        _check(processes == 1 or executor == "sharded",
+               f"--executor {f.executor} with {processes} processes would run every client "
+               f"in each of them; use --executor sharded (the default with several)")
+        _check(f.device_executor is None or executor == "sharded",
+               f"--device_executor {f.device_executor} is read only with --executor sharded")
+        _check(processes == 1 or f.repeat == 1 or f.repeat_mode == "in_process",
+               "--repeat_mode subprocess cannot start repeats of a multi-process run; use "
+               "--repeat_mode in_process")
         # The flags main.py defines (absl's own logging flags are left out).
         flag_values = {fl.name: fl.value
                        for fl in f.get_key_flags_for_module(sys.modules["__main__"])}
@@ -199,7 +213,8 @@ class RunRequest:
             run=RunConfig(num_rounds=rounds, seed=f.seed, clients_per_round=f.clients_per_round,
                           batch_size=f.batch_size, eval_every=f.eval_every,
                           eval_train_every=f.eval_train_every,
-                          executor=f.executor or "", eval_chunk=f.eval_chunk, quiet=f.quiet,
+                          executor=executor, device_executor=f.device_executor or "",
+                          eval_chunk=f.eval_chunk, quiet=f.quiet or not is_writer(),
                           checkpoint_every=f.checkpoint_every, upload_dtype=f.upload_dtype,
                           rescore_unchanged=f.rescore_unchanged,
                           reference_losses=f.reference_losses,
@@ -551,8 +566,9 @@ class _Start:
 
     def __init__(self, outdir: Path):
         path = outdir.absolute()
+        # Only the writing process creates folders, so only it may remove them.
         self.created = next((p for p in [*reversed(path.parents), path] if not p.exists()),
-                            None)
+                            None) if is_writer() else None
 
     def discard(self) -> None:
         made = self.created
@@ -563,7 +579,7 @@ class _Start:
 def _run_dir(path: Path) -> RunDir:
     """A run directory; one that holds a checkpoint is held: nothing is written into it
     until the engine has accepted that checkpoint (a refused resume leaves it as it was)."""
-    return RunDir(path, hold=checkpoint.exists(path))
+    return RunDir(path, hold=checkpoint.exists(path), writer=is_writer())
 
 
 def run_repeats(req: RunRequest) -> list[dict]:
@@ -608,13 +624,14 @@ def _run_all(req: RunRequest) -> tuple[RunDir, list[dict]]:
             # its first success, so a refused first repeat leaves the root untouched.
             summaries.append(_run_in_subprocess(req, k, seed, outdir / f"run{k}"))
             if root is None:
-                root = RunDir(outdir)
+                root = RunDir(outdir, writer=is_writer())
                 root.write_flags(req.flags)
             continue
         built = _build(req, seed)  # before any folder is made
         run_dir = _run_dir(outdir if req.repeat == 1 else outdir / f"run{k}")
         if root is None:
-            root = run_dir if req.repeat == 1 else RunDir(outdir, hold=run_dir.held)
+            root = run_dir if req.repeat == 1 else RunDir(outdir, hold=run_dir.held,
+                                                          writer=run_dir.writer)
             root.write_flags(req.flags)
             if root is not run_dir:
                 run_dir.on_release(root.release)

@@ -66,11 +66,16 @@ class RunDir:
     exactly as it is (no file written, replaced or removed) until the engine accepts the
     checkpoint, which it shows by its first write (``rewrite_rounds``) or by ``release``;
     until then ``write_flags`` and ``write_partition`` are queued. A refused resume
-    (``utils.checkpoint.CheckpointError``) therefore never touches the run it refused."""
+    (``utils.checkpoint.CheckpointError``) therefore never touches the run it refused.
 
-    def __init__(self, path: str | Path, *, hold: bool = False):
+    ``writer=False`` (every process but the first of a multi-process run) reads the same
+    directory (a checkpoint to resume from) and writes nothing."""
+
+    def __init__(self, path: str | Path, *, hold: bool = False, writer: bool = True):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.writer = writer
+        if writer:
+            self.path.mkdir(parents=True, exist_ok=True)
         self._queued: list[Callable[[], None]] | None = [] if hold else None
         self._later(self._remove_stale_temporaries)
 
@@ -79,6 +84,8 @@ class RunDir:
         return self._queued is not None
 
     def _later(self, write: Callable[[], None]) -> None:
+        if not self.writer:
+            return
         if self._queued is None:
             write()
         else:
@@ -113,6 +120,8 @@ class RunDir:
         self._later(write)
 
     def _append(self, name: str, line: str) -> None:
+        if not self.writer:
+            return
         self.release()
         with open(self.path / name, "a") as f:
             f.write(line + "\n")
@@ -129,6 +138,8 @@ class RunDir:
     def rewrite_rounds(self, history: list[dict[str, Any]]) -> None:
         """On resume: the per-round files hold exactly the checkpoint's rounds (a killed
         run may have logged rounds after its last checkpoint)."""
+        if not self.writer:
+            return
         self.release()  # the engine has accepted the checkpoint
 
         def text(lines: list[str]) -> str:
@@ -142,6 +153,8 @@ class RunDir:
                      text([_reference_losses(h) for h in evaluated]))
 
     def write_unseen(self, train_acc: float, test_acc: float, record: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         self.release()
         atomic_write(self.path / "unseen.txt", _fmt([train_acc, test_acc]) + "\n")
         self._append("metrics.jsonl", _metrics_line(record))
@@ -160,11 +173,15 @@ class RunDir:
         self._later(write)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         self.release()
         atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 
     def write_final_result(self, results: list[tuple[float, float]]) -> None:
         """The reference's layout: the (repeats x 2) array, then [mean, std] of test acc."""
+        if not self.writer:
+            return
         import numpy as np
 
         self.release()
