@@ -131,9 +131,9 @@ def _two_processes_equal_one(target: Path, args: list[str], tmp_path: Path,
 def test_two_processes_of_two_devices_equal_one_process_and_resume(tmp_path,
                                                                    shared_compile_env):
     """FeDEQ on the synthetic data, main.py through runners/distributed.sh."""
-    _two_processes_equal_one(ROOT / "main.py", ["--trainer", "fedeq", "-d", "synthetic",
-                                                "-c", "8", "-cr", "0.5", "-le", "1", "-pe", "1", "-q"],
-                             tmp_path, shared_compile_env)
+    args = ["--trainer", "fedeq", "-d", "synthetic", "-c", "8", "-cr", "0.5", "-le", "1",
+            "-pe", "1", "-q"]
+    _two_processes_equal_one(ROOT / "main.py", args, tmp_path, shared_compile_env)
 
 
 @pytest.mark.slow
