@@ -229,9 +229,10 @@ def main(argv: list[str]) -> None:
     from trainers.run import RunRequest, run_repeats
 
     # Process 0 alone prints the run's output (errors still reach stderr everywhere).
-    quiet = contextlib.nullcontext() if is_writer() else contextlib.redirect_stdout(
-        open(os.devnull, "w"))
-    with quiet:
+    with contextlib.ExitStack() as stack:
+        if not is_writer():
+            stack.enter_context(contextlib.redirect_stdout(
+                stack.enter_context(open(os.devnull, "w"))))
         request = RunRequest.from_flags(FLAGS, _default_model, _outdir)
         run_repeats(request)
 

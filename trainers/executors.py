@@ -40,6 +40,14 @@ def _num_clients(per_client: Any) -> int:
     return jax.tree.leaves(per_client)[0].shape[0]
 
 
+def _over_clients(kind: str, fn: ClientFn) -> Callable:
+    """`fn` over the clients' leading axis in one traced program: one after another
+    (`map`) or all at once (`vmap`)."""
+    if kind == "map":
+        return lambda shared, pc: lax.map(lambda c: fn(shared, c), pc)
+    return jax.vmap(fn, in_axes=(None, 0))
+
+
 class Executor:
     """Runs `fn(shared, one_client)` for every client of `per_client` (leading axis)."""
 
@@ -85,8 +93,7 @@ class Executor:
             if self.device_executor == "loop":
                 one_device = Executor("loop")._compile(fn, trains)
                 return lambda shared, pc: runner.run(one_device, shared, pc)
-            body = ((lambda shared, pc: lax.map(lambda c: fn(shared, c), pc))
-                    if self.device_executor == "map" else jax.vmap(fn, in_axes=(None, 0)))
+            body = _over_clients(self.device_executor, fn)
             return lambda shared, pc: runner.run_spmd(body, shared, pc)
         if self.kind in ("loop", "threads"):
             one = fn if trains else jax.jit(fn)
@@ -100,8 +107,8 @@ class Executor:
                     return stack(list(pool.map(lambda i: one(shared, index(pc, i)), range(n))))
             return run_threads
         if self.kind == "map":
-            return jax.jit(lambda shared, pc: lax.map(lambda c: fn(shared, c), pc))
-        batched = jax.jit(jax.vmap(fn, in_axes=(None, 0)))
+            return jax.jit(_over_clients("map", fn))
+        batched = jax.jit(_over_clients("vmap", fn))
 
         def run_chunks(shared, pc):
             n = _num_clients(pc)

@@ -85,8 +85,11 @@ class ShardedRunner:
 
         with ThreadPoolExecutor(len(self.local)) as pool:
             outs = list(pool.map(on, self.local))
-        joined = self._join(outs, per)
-        return jax.tree.map(lambda a: a.addressable_data(0)[:n], self._replicate(joined))
+        return self._gathered(self._join(outs, per), n)
+
+    def _gathered(self, sharded: Any, n: int) -> Any:
+        """The real clients' results, all-gathered, on this process's first device."""
+        return jax.tree.map(lambda a: a.addressable_data(0)[:n], self._replicate(sharded))
 
     def _join(self, outs: list[Any], per: int) -> Any:
         """The local blocks as global arrays sharded over the mesh's clients axis."""
@@ -99,8 +102,7 @@ class ShardedRunner:
 
     def run_spmd(self, body: Callable[[Any, Any], Any], shared: Any, per_client: Any) -> Any:
         n = jax.tree.leaves(per_client)[0].shape[0]
-        per, slots = blocks(n, self.num_devices)
-        padded = index(per_client, jnp.asarray(slots))
+        padded = index(per_client, jnp.asarray(blocks(n, self.num_devices)[1]))
         program = self._programs.get(id(body))
         if program is None:
             program = self._programs[id(body)] = jax.jit(jax.shard_map(
@@ -108,7 +110,7 @@ class ShardedRunner:
                 out_specs=P(CLIENTS_AXIS), check_vma=False))   # clients' loops mix
                 # per-device and replicated carries; nothing crosses devices inside
         out = program(self._global(shared, P()), self._global(padded, P(CLIENTS_AXIS)))
-        return jax.tree.map(lambda a: a.addressable_data(0)[:n], self._replicate(out))
+        return self._gathered(out, n)
 
     def _global(self, tree: Any, spec: P) -> Any:
         """This process's (whole) values as global arrays: each device takes its slice.

@@ -6,6 +6,7 @@ per-round text files are appended one complete line at a time.
 """
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -57,6 +58,15 @@ def _reference_losses(record: dict[str, Any]) -> str:
     return _fmt([record.get("train_loss_reference"), record.get("test_loss_reference")])
 
 
+def _writes(method: Callable) -> Callable:
+    """A method that writes: it does nothing in a directory opened with writer=False."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if self.writer:
+            method(self, *args, **kwargs)
+    return guarded
+
+
 class RunDir:
     """Writes one run's files. `metrics.jsonl` is the complete record; `output.txt`,
     `losses.txt`, `unseen.txt` and `final_result.txt` keep the reference's formats and
@@ -83,9 +93,8 @@ class RunDir:
     def held(self) -> bool:
         return self._queued is not None
 
+    @_writes
     def _later(self, write: Callable[[], None]) -> None:
-        if not self.writer:
-            return
         if self._queued is None:
             write()
         else:
@@ -119,9 +128,8 @@ class RunDir:
 
         self._later(write)
 
+    @_writes
     def _append(self, name: str, line: str) -> None:
-        if not self.writer:
-            return
         self.release()
         with open(self.path / name, "a") as f:
             f.write(line + "\n")
@@ -135,11 +143,10 @@ class RunDir:
             self._append("output.txt", _fmt([record["train_acc"], record["test_acc"]]))
             self._append("losses.txt", _reference_losses(record))
 
+    @_writes
     def rewrite_rounds(self, history: list[dict[str, Any]]) -> None:
         """On resume: the per-round files hold exactly the checkpoint's rounds (a killed
         run may have logged rounds after its last checkpoint)."""
-        if not self.writer:
-            return
         self.release()  # the engine has accepted the checkpoint
 
         def text(lines: list[str]) -> str:
@@ -152,9 +159,8 @@ class RunDir:
         atomic_write(self.path / "losses.txt",
                      text([_reference_losses(h) for h in evaluated]))
 
+    @_writes
     def write_unseen(self, train_acc: float, test_acc: float, record: dict[str, Any]) -> None:
-        if not self.writer:
-            return
         self.release()
         atomic_write(self.path / "unseen.txt", _fmt([train_acc, test_acc]) + "\n")
         self._append("metrics.jsonl", _metrics_line(record))
@@ -172,16 +178,14 @@ class RunDir:
 
         self._later(write)
 
+    @_writes
     def write_summary(self, summary: dict[str, Any]) -> None:
-        if not self.writer:
-            return
         self.release()
         atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 
+    @_writes
     def write_final_result(self, results: list[tuple[float, float]]) -> None:
         """The reference's layout: the (repeats x 2) array, then [mean, std] of test acc."""
-        if not self.writer:
-            return
         import numpy as np
 
         self.release()
