@@ -66,6 +66,11 @@ flags.DEFINE_enum("fwd_solver", "anderson", FWD_SOLVERS, "DEQ forward solver",
                   short_name="fs")
 flags.DEFINE_enum("bwd_solver", "normal_cg", BWD_SOLVERS, "DEQ backward solver",
                   short_name="bs")
+flags.DEFINE_integer("fwd_maxiter", None, "DEQ forward solver's iteration cap (default: "
+                     "the reference's for --fwd_solver: Anderson 20, fpi 20, Broyden 50); "
+                     "fewer is faster and not the reference's arithmetic", lower_bound=1)
+flags.DEFINE_float("fwd_tol", None, "DEQ forward solver's absolute tolerance (default: the "
+                   "reference's: Anderson 1e-3, fpi 1e-2, Broyden 1e-3)", lower_bound=0)
 flags.DEFINE_float("rho", 0.01, "FeDEQ ADMM penalty and dual step")
 flags.DEFINE_float("lam_admm", 0.01, "FeDEQ initial dual value (text only; vision duals "
                    "start at 0 in the reference, see --fedeq_lam_init_vision)")

@@ -22,7 +22,10 @@ Configurations (all this project's code; all with the reference's solvers unless
 - `threads, gmres`: `--bwd_solver gmres`, not the reference's backward solver;
 - `threads, jacobian_free`: `--bwd_solver jacobian_free` (one-step gradient, no linear
   solve), not the reference's gradient: for the accuracy-for-speed target, run it with
-  `--rounds 19` beside `threads` and read the final accuracy gap.
+  `--rounds 19` beside `threads` and read the final accuracy gap;
+- `threads, jacobian_free, maxiter 6`: also caps the forward solve at 6 Anderson
+  iterations instead of the reference's 20 (any `EXECUTOR[, BWD_SOLVER][, maxiter N]`
+  is read the same way).
 `--with_emulation` adds `emulation (ours)`: this project's own stand-in for the authors'
 solver set-up (XLA convolution gradient, jaxopt Anderson vmapped per example, loop); it
 is this project's code, not the authors', and was measured about 2x slower than the
@@ -33,6 +36,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -40,7 +44,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 from data.leaf import load_femnist  # noqa: E402
-from deq.config import SolverConfig  # noqa: E402
+from deq.config import BWD_SOLVERS, SolverConfig  # noqa: E402
 from models.registry import build_model  # noqa: E402
 from trainers.algorithms.base import HParams  # noqa: E402
 from trainers.algorithms.fedeq import FedEQ, FedEQConfig  # noqa: E402
@@ -53,15 +57,33 @@ AUTHORS = {"train_1": 105.7, "eval_1": 74.3, "round_1": 180.0, "round_2": 176.9,
            "test_acc": (0.0860, 0.1465, 0.1497), "cores": 1.65}
 AUTHORS_ROUND = (AUTHORS["round_1"] + AUTHORS["round_2"]) / 2  # 178.45 s
 
-# name -> (solver, executor, rescore_unchanged)
-CONFIGS = {
+# The named configurations; `_config` also reads any "EXECUTOR[, BWD_SOLVER][, maxiter N]"
+# (e.g. "threads, jacobian_free, maxiter 6") for the accuracy-for-speed target.
+NAMED = {
     "loop, rescore all": (SolverConfig(), "loop", True),
-    "loop": (SolverConfig(), "loop", False),
-    "threads": (SolverConfig(), "threads", False),
-    "threads, gmres": (SolverConfig(bwd_solver="gmres"), "threads", False),
-    "threads, jacobian_free": (SolverConfig(bwd_solver="jacobian_free"), "threads", False),
     "emulation (ours)": (SolverConfig(fast_conv=False, anderson_impl="jaxopt"), "loop", True),
 }
+EXECUTORS = ("loop", "threads")
+
+
+def _config(name: str) -> tuple[SolverConfig, str, bool]:
+    """(solver, executor, rescore_unchanged) of a configuration name."""
+    if name in NAMED:
+        return NAMED[name]
+    executor, *rest = [part.strip() for part in name.split(",")]
+    solver = {}
+    for part in rest:
+        if part in BWD_SOLVERS:
+            solver["bwd_solver"] = part
+        elif part.startswith("maxiter ") and part[8:].isdigit():
+            solver["fwd_maxiter"] = int(part[8:])
+        else:
+            raise SystemExit(f"configuration {name!r}: {part!r} is neither a backward "
+                             f"solver ({', '.join(BWD_SOLVERS)}) nor 'maxiter N'")
+    if executor not in EXECUTORS:
+        raise SystemExit(f"configuration {name!r}: executor {executor!r} is not one of "
+                         f"{EXECUTORS} (or use one of: {'; '.join(NAMED)})")
+    return SolverConfig(**solver), executor, False
 
 
 def _run(data, solver, executor, rescore, args) -> list[dict]:
@@ -78,6 +100,10 @@ def _run(data, solver, executor, rescore, args) -> list[dict]:
     return [json.loads(line) for line in lines if '"round"' in line]
 
 
+# Flags that must agree for accuracies of two runs to be comparable.
+_SAME = ("clients", "cohort", "le", "pe", "rounds")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", required=True)
@@ -87,10 +113,18 @@ def main() -> None:
     p.add_argument("-pe", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="timed rounds after round 0")
     p.add_argument("--configs", default="loop, rescore all;loop;threads;threads, gmres",
-                   help=f"';'-separated, from: {'; '.join(CONFIGS)}")
+                   help="';'-separated: 'loop, rescore all', 'emulation (ours)', or "
+                   "'EXECUTOR[, BWD_SOLVER][, maxiter N]' (EXECUTOR loop or threads)")
     p.add_argument("--with_emulation", action="store_true")
+    p.add_argument("--save", help="write every configuration's per-round metrics (with the "
+                   "date and these flags) to this JSON file")
+    p.add_argument("--baseline", help="a --save file of an earlier run with the same flags: "
+                   "its first configuration's accuracies are compared with this run's (not "
+                   "its seconds: those come from another run)")
     args = p.parse_args()
     names = args.configs.split(";") + (["emulation (ours)"] if args.with_emulation else [])
+    for name in names:
+        _config(name)  # a misspelt configuration fails before any run
     data = load_femnist(args.data_dir, num_clients=args.clients)
     print(f"backend {jax.default_backend()}, {os.cpu_count()} cpus; FEMNIST {args.clients} "
           f"writers, {int(args.cohort * args.clients)} per round, -le {args.le} -pe {args.pe}"
@@ -104,7 +138,7 @@ def main() -> None:
               f"0-2 {AUTHORS['test_acc']}", flush=True)
     rows = []
     for name in names:
-        history = _run(data, *CONFIGS[name], args)
+        history = _run(data, *_config(name), args)
         rows.append((name, history))
         timed = history[1:]
         for h in timed:
@@ -117,13 +151,20 @@ def main() -> None:
         print(f"{name:18s} mean round {mean:.2f} s; cohorts "
               f"{[h['cohort'] for h in history]}; test acc "
               f"{[round(h['test_acc'], 4) for h in history]}", flush=True)
-    base = rows[0][1]
-    for name, history in rows[1:]:
+    base_name, base = rows[0]
+    compared = rows[1:]
+    if args.baseline:
+        earlier = json.loads(Path(args.baseline).read_text())
+        if {k: earlier["flags"][k] for k in _SAME} != {k: vars(args)[k] for k in _SAME}:
+            raise SystemExit(f"--baseline {args.baseline} ran other flags: {earlier['flags']}")
+        base_name = f"{earlier['rows'][0][0]}' of {earlier['date']} ('{args.baseline}"
+        base, compared = earlier["rows"][0][1], rows
+    for name, history in compared:
         gap = max(abs(a["test_acc"] - b["test_acc"]) for a, b in zip(base, history,
                                                                      strict=True))
         same = all(a["cohort"] == b["cohort"] for a, b in zip(base, history, strict=True))
         final = history[-1]["test_acc"] - base[-1]["test_acc"]
-        print(f"{name}: same cohorts as '{rows[0][0]}': {same}; largest test-acc gap "
+        print(f"{name}: same cohorts as '{base_name}': {same}; largest test-acc gap "
               f"{gap:.4f}; final test acc {history[-1]['test_acc']:.4f} against "
               f"{base[-1]['test_acc']:.4f} ({100 * final:+.2f} points)")
     print("summary (mean of the timed rounds):")
@@ -134,9 +175,14 @@ def main() -> None:
         ev = sum(h["eval_seconds"] for h in timed) / len(timed)
         cores = sum(h["cpu_seconds"] for h in timed) / sum(h["seconds"] for h in timed)
         ratio = f"{AUTHORS_ROUND / sec:.2f}x the authors' code" if subset else ""
-        print(f"  {name:18s} train {tr:7.2f} + eval {ev:6.2f} = {sec:7.2f} s/round, "
-              f"cores {cores:.2f}, {rows[0][1][1]['seconds'] / timed[0]['seconds']:.2f}x "
+        print(f"  {name:18s} train {tr:7.2f} + eval {ev:6.2f} = {sec:7.2f} s/round "
+              f"(eval {100 * ev / sec:.0f}%), cores {cores:.2f}, "
+              f"{rows[0][1][1]['seconds'] / timed[0]['seconds']:.2f}x "
               f"'{rows[0][0]}' (round 1)  {ratio}")
+    if args.save:
+        Path(args.save).write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "flags": vars(args), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

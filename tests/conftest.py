@@ -3,7 +3,9 @@
 import functools
 import http.server
 import os
+import shutil
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,16 +15,30 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# One persistent XLA compilation cache for the whole session, this process and every
+# subprocess it starts (main.py, runner scripts, sharded workers): many tests build the
+# same small programs again (one engine per executor, per algorithm, per run of a
+# command), and compiling dominates them. Set before JAX is imported; fresh per session
+# (nothing carries over between sessions) unless JAX_COMPILATION_CACHE_DIR is given.
+# A cache hit is the same executable, so no number changes.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="fedeq-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_unconfigure(config) -> None:
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
 
 @pytest.fixture(scope="session")
-def shared_compile_env(tmp_path_factory) -> dict[str, str]:
-    """Environment for main.py subprocesses: CPU JAX with one persistent compilation cache
-    for the whole session. Compiling the transformers dominates a tiny text run; with
-    the cache, runs of one model (each runner script, main.py with the same flags)
+def shared_compile_env() -> dict[str, str]:
+    """Environment for main.py subprocesses: CPU JAX and the session's compilation cache
+    (above), so that runs of one model (each runner script, main.py with the same flags)
     compile each program once."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

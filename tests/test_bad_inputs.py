@@ -165,6 +165,10 @@ ROWS = [
     (["--cpu_devices", "0"], ("--cpu_devices=0", "at least 1")),
     (["--device_executor", "map", "--executor", "loop"],
      ("--device_executor map is read only with --executor sharded",)),
+    (["--fwd_maxiter", "0"], ("--fwd_maxiter=0", "not a positive integer")),
+    (["--fwd_tol", "-1"], ("--fwd_tol=-1", "not a non-negative number")),
+    (["--fwd_maxiter", "6", "-d", "shakespeare", "--trainer", "fedeq_text"],
+     ("the DEQ-Transformer runs its own Broyden",)),
 ]
 
 

@@ -46,6 +46,21 @@ def test_same_command_same_numbers(tmp_path):
     assert outs[0] == outs[1]
 
 
+def test_forward_cap_flag_reaches_the_solver(tmp_path):
+    """--fwd_maxiter 2: every forward solve (training and scoring) stops by 2 iterations;
+    the default cap (20) takes more on this data."""
+    iters = {}
+    for cap in (None, 2):
+        out = tmp_path / str(cap)
+        flags = ["--fwd_maxiter", str(cap)] if cap else []
+        proc = _main("-c", "4", "-t", "0", "-le", "1", "-pe", "1", "-cr", "0.5", "-q",
+                     *flags, "-o", str(out))
+        assert proc.returncode == 0, proc.stderr
+        row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        iters[cap] = (row["solver_iters"], row["test_solver_iters"])
+    assert max(iters[2]) <= 2 < min(iters[None]), iters
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--trainer", "nope"], "allowed"),
     (["-m", "nope"], "allowed"),

@@ -158,6 +158,9 @@ class RunRequest:
         _check(f.labels_per_client >= 1,
                f"--labels_per_client must be >= 1, got {f.labels_per_client}")
         _check(f.rho > 0, f"--rho must be > 0, got {f.rho}")
+        _check((f.fwd_maxiter is None and f.fwd_tol is None) or model != "deq_transformer",
+               "--fwd_maxiter / --fwd_tol: the DEQ-Transformer runs its own Broyden with "
+               "the reference's settings (spec 5.5) and ignores solver flags; drop them")
         ditto_lambda = getattr(f, "lambda")
         _check(ditto_lambda >= 0, f"--lambda (Ditto) must be >= 0, got {ditto_lambda}")
         _check(0 <= f.finetune_frac <= 1,
@@ -225,6 +228,7 @@ class RunRequest:
                        momentum=momentum, weight_decay=weight_decay,
                        random_epochs=f.random_epoch),
             solver=SolverConfig(fwd_solver=f.fwd_solver, bwd_solver=f.bwd_solver,
+                                fwd_maxiter=f.fwd_maxiter, fwd_tol=f.fwd_tol,
                                 fast_conv=f.fast_conv, anderson_impl=f.anderson_impl),
             options=AlgorithmOptions(
                 fedeq=FedEQConfig(rho=f.rho,
