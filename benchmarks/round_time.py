@@ -50,7 +50,7 @@ from trainers.algorithms.base import HParams  # noqa: E402
 from trainers.algorithms.fedeq import FedEQ, FedEQConfig  # noqa: E402
 from trainers.engine import Engine, RunConfig  # noqa: E402
 from trainers.task import ClassificationTask  # noqa: E402
-from utils.rundir import RunDir  # noqa: E402
+from utils.rundir import RunDir, atomic_file  # noqa: E402
 
 # The authors' FeDEQ code on this subset and machine type, as issue 12 reports it.
 AUTHORS = {"train_1": 105.7, "eval_1": 74.3, "round_1": 180.0, "round_2": 176.9,
@@ -123,8 +123,7 @@ def main() -> None:
                    "its seconds: those come from another run)")
     args = p.parse_args()
     names = args.configs.split(";") + (["emulation (ours)"] if args.with_emulation else [])
-    for name in names:
-        _config(name)  # a misspelt configuration fails before any run
+    configs = {name: _config(name) for name in names}  # a misspelt one fails before any run
     data = load_femnist(args.data_dir, num_clients=args.clients)
     print(f"backend {jax.default_backend()}, {os.cpu_count()} cpus; FEMNIST {args.clients} "
           f"writers, {int(args.cohort * args.clients)} per round, -le {args.le} -pe {args.pe}"
@@ -138,7 +137,7 @@ def main() -> None:
               f"0-2 {AUTHORS['test_acc']}", flush=True)
     rows = []
     for name in names:
-        history = _run(data, *_config(name), args)
+        history = _run(data, *configs[name], args)
         rows.append((name, history))
         timed = history[1:]
         for h in timed:
@@ -180,9 +179,9 @@ def main() -> None:
               f"{rows[0][1][1]['seconds'] / timed[0]['seconds']:.2f}x "
               f"'{rows[0][0]}' (round 1)  {ratio}")
     if args.save:
-        Path(args.save).write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "flags": vars(args), "rows": rows}, indent=1))
+        with atomic_file(Path(args.save)) as f:  # never a half-written file
+            json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "flags": vars(args), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
