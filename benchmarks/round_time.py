@@ -16,7 +16,8 @@ speed-ups are exact). The authors' code is not run here: its figures are the one
 Configurations (all this project's code; all with the reference's solvers unless named):
 - `loop, rescore all`: one client after another, every client scored every round;
 - `loop`: clients whose model did not change since they were last scored are not scored
-  again (their sums are reused);
+  again (their sums are reused); `, rescore all` after any executor scores every client
+  every round (`--rescore_unchanged`), as before that speed-up;
 - `threads` (the CPU default): the cohort's clients and the clients being scored run on
   one thread per core;
 - `threads, gmres`: `--bwd_solver gmres`, not the reference's backward solver;
@@ -25,7 +26,12 @@ Configurations (all this project's code; all with the reference's solvers unless
   `--rounds 19` beside `threads` and read the final accuracy gap;
 - `threads, jacobian_free, maxiter 6`: also caps the forward solve at 6 Anderson
   iterations instead of the reference's 20 (any `EXECUTOR[, BWD_SOLVER][, maxiter N]`
-  is read the same way).
+  is read the same way; `threads, rescore all` is the CPU default without the reuse).
+`--arithmetic` also counts each configuration's training arithmetic per round (its
+representation steps: examples x one step's FLOPs at the logged mean iteration counts,
+benchmarks/deq_step.py; the head epochs and the evaluation are left out, so it is a lower
+bound) and divides it by a dense matmul's rate with every core busy, measured in the same
+run: the seconds training could not go below at that rate, against the seconds it took.
 `--with_emulation` adds `emulation (ours)`: this project's own stand-in for the authors'
 solver set-up (XLA convolution gradient, jaxopt Anderson vmapped per example, loop); it
 is this project's code, not the authors', and was measured about 2x slower than the
@@ -43,6 +49,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
+from benchmarks.deq_step import all_cores_matmul_flops_per_second, step_flops  # noqa: E402
 from data.leaf import load_femnist  # noqa: E402
 from deq.config import BWD_SOLVERS, SolverConfig  # noqa: E402
 from models.registry import build_model  # noqa: E402
@@ -57,10 +64,9 @@ AUTHORS = {"train_1": 105.7, "eval_1": 74.3, "round_1": 180.0, "round_2": 176.9,
            "test_acc": (0.0860, 0.1465, 0.1497), "cores": 1.65}
 AUTHORS_ROUND = (AUTHORS["round_1"] + AUTHORS["round_2"]) / 2  # 178.45 s
 
-# The named configurations; `_config` also reads any "EXECUTOR[, BWD_SOLVER][, maxiter N]"
-# (e.g. "threads, jacobian_free, maxiter 6") for the accuracy-for-speed target.
+# The named configuration; `_config` reads every other one as
+# "EXECUTOR[, rescore all][, BWD_SOLVER][, maxiter N]" (e.g. "threads, jacobian_free, maxiter 6").
 NAMED = {
-    "loop, rescore all": (SolverConfig(), "loop", True),
     "emulation (ours)": (SolverConfig(fast_conv=False, anderson_impl="jaxopt"), "loop", True),
 }
 EXECUTORS = ("loop", "threads")
@@ -71,19 +77,22 @@ def _config(name: str) -> tuple[SolverConfig, str, bool]:
     if name in NAMED:
         return NAMED[name]
     executor, *rest = [part.strip() for part in name.split(",")]
-    solver = {}
+    solver, rescore = {}, False
     for part in rest:
-        if part in BWD_SOLVERS:
+        if part == "rescore all":
+            rescore = True
+        elif part in BWD_SOLVERS:
             solver["bwd_solver"] = part
         elif part.startswith("maxiter ") and part[8:].isdigit():
             solver["fwd_maxiter"] = int(part[8:])
         else:
             raise SystemExit(f"configuration {name!r}: {part!r} is neither a backward "
-                             f"solver ({', '.join(BWD_SOLVERS)}) nor 'maxiter N'")
+                             f"solver ({', '.join(BWD_SOLVERS)}), 'maxiter N' nor "
+                             f"'rescore all'")
     if executor not in EXECUTORS:
         raise SystemExit(f"configuration {name!r}: executor {executor!r} is not one of "
                          f"{EXECUTORS} (or use one of: {'; '.join(NAMED)})")
-    return SolverConfig(**solver), executor, False
+    return SolverConfig(**solver), executor, rescore
 
 
 def _run(data, solver, executor, rescore, args) -> list[dict]:
@@ -100,6 +109,34 @@ def _run(data, solver, executor, rescore, args) -> list[dict]:
     return [json.loads(line) for line in lines if '"round"' in line]
 
 
+def arithmetic_report(rows: list, configs: dict, subset: bool) -> str:
+    """Each configuration's representation-step FLOPs per timed round against a dense
+    matmul's rate on all cores (module docstring): a floor under its training seconds."""
+    rate = all_cores_matmul_flops_per_second()
+    lines = [f"arithmetic (training's representation steps only: a lower bound) against a "
+             f"dense 2048^2 float32 matmul on all {os.cpu_count()} cores, "
+             f"{rate / 1e9:.1f} GFLOP/s, measured now:"]
+    for name, history in rows:
+        timed = history[1:]
+        m = {k: sum(h[k] for h in timed) / len(timed) for k in
+             ("solver_iters", "bwd_iters", "bwd_solves", "train_seconds", "eval_seconds")}
+        per_example = step_flops(configs[name][0], 10, m["solver_iters"],
+                                 m["bwd_iters"]) / 10
+        flops, train, ev = per_example * m["bwd_solves"], m["train_seconds"], m[
+            "eval_seconds"]
+        line = (f"  {name:18s} {m['bwd_solves']:.0f} examples x {per_example / 1e9:.3f} "
+                f"GFLOP = {flops / 1e12:.2f} TFLOP per round [fwd iters "
+                f"{m['solver_iters']:.1f}, bwd iters {m['bwd_iters']:.1f}]: >= "
+                f"{flops / rate:.1f} s at the matmul's rate; took {train:.1f} s "
+                f"({100 * flops / train / rate:.0f}% of the matmul's rate)")
+        if subset:
+            need = flops / max(60.0 - ev, 1e-9)
+            line += (f"; training within 60 s - {ev:.1f} s eval needs {need / 1e9:.1f} "
+                     f"GFLOP/s = {100 * need / rate:.0f}% of it")
+        lines.append(line)
+    return "\n".join(lines)
+
+
 # Flags that must agree for accuracies of two runs to be comparable.
 _SAME = ("clients", "cohort", "le", "pe", "rounds")
 
@@ -113,9 +150,12 @@ def main() -> None:
     p.add_argument("-pe", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="timed rounds after round 0")
     p.add_argument("--configs", default="loop, rescore all;loop;threads;threads, gmres",
-                   help="';'-separated: 'loop, rescore all', 'emulation (ours)', or "
-                   "'EXECUTOR[, BWD_SOLVER][, maxiter N]' (EXECUTOR loop or threads)")
+                   help="';'-separated: 'emulation (ours)' or 'EXECUTOR[, rescore all]"
+                   "[, BWD_SOLVER][, maxiter N]' (EXECUTOR loop or threads)")
     p.add_argument("--with_emulation", action="store_true")
+    p.add_argument("--arithmetic", action="store_true",
+                   help="count each configuration's training FLOPs per round and compare "
+                   "them with a dense matmul's rate on all cores (see the module docstring)")
     p.add_argument("--save", help="write every configuration's per-round metrics (with the "
                    "date and these flags) to this JSON file")
     p.add_argument("--baseline", help="a --save file of an earlier run with the same flags: "
@@ -178,6 +218,8 @@ def main() -> None:
               f"(eval {100 * ev / sec:.0f}%), cores {cores:.2f}, "
               f"{rows[0][1][1]['seconds'] / timed[0]['seconds']:.2f}x "
               f"'{rows[0][0]}' (round 1)  {ratio}")
+    if args.arithmetic:
+        print(arithmetic_report(rows, configs, subset), flush=True)
     if args.save:
         with atomic_file(Path(args.save)) as f:  # never a half-written file
             json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -16,7 +16,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # One persistent XLA compilation cache for the whole session, this process and every
-# subprocess it starts (main.py, runner scripts, sharded workers): many tests build the
+# subprocess it starts (pytest-xdist workers, which inherit the variable from the
+# controller; main.py, runner scripts, sharded workers): many tests build the
 # same small programs again (one engine per executor, per algorithm, per run of a
 # command), and compiling dominates them. Set before JAX is imported; fresh per session
 # (nothing carries over between sessions) unless JAX_COMPILATION_CACHE_DIR is given.
