@@ -127,8 +127,10 @@ flags.DEFINE_integer("eval_chunk", RunConfig.eval_chunk, "examples per evaluatio
                      "(each client is padded to a multiple of it)")
 flags.DEFINE_enum("anderson_impl", "batched", ["batched", "jaxopt"], "Anderson for the whole "
                   "batch in one loop, or jaxopt's solver vmapped per example (same iterates)")
-flags.DEFINE_bool("fast_conv", True, "hand-written convolution gradient in the DEQ block "
-                  "(same numbers, faster on CPU)")
+flags.DEFINE_bool("fast_conv", True, "convolutions XLA:CPU runs fast: the DEQ block's "
+                  "hand-written gradient, the explicit ResNets' patch products "
+                  "(models/conv2d.py); same numbers to float rounding, --nofast_conv is "
+                  "XLA's own")
 flags.DEFINE_bool("fedeq_dual_average", False, "textbook consensus ADMM: the server "
                   "averages theta_i + lambda_i / rho (the reference averages theta_i)")
 flags.DEFINE_bool("ditto_reference_start", False, "Ditto as the reference runs it: the "

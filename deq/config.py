@@ -21,7 +21,9 @@ class SolverConfig:
 
     `fwd_maxiter` / `fwd_tol` left as None take the reference's value for the chosen
     forward solver. `fast_conv` swaps the 3x3 convolutions inside the equilibrium block
-    for ones whose gradient is a forward convolution (same numbers, much faster on CPU).
+    for ones whose gradient is a forward convolution (same numbers, much faster on CPU);
+    the model registry also hands it to the explicit ResNets, whose convolutions become
+    patch products where XLA:CPU's are slow (models/conv2d.py).
     `anderson_impl` "batched" runs jaxopt's Anderson arithmetic for the whole batch in
     one loop (deq/anderson.py); "jaxopt" vmaps jaxopt's own solver over the examples as
     the reference does. Both give the same iterates.

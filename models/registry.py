@@ -57,8 +57,9 @@ _MODELS: dict[str, _Entry] = {
                            True, (3,)),
     "deq_resnet_m": _Entry(lambda c, s, d: deq_resnet(*DEQ_RESNET_WIDTHS["deq_resnet_m"], c, s),
                            True, (3,)),
-    "resnet20": _Entry(lambda c, s, d: resnet20_femnist(c), False, (3,)),
-    "resnet34": _Entry(lambda c, s, d: resnet34_cifar(c), False, (3,)),
+    "resnet20": _Entry(lambda c, s, d: resnet20_femnist(c, s.fast_conv), False, (3,)),
+    "resnet34": _Entry(lambda c, s, d: resnet34_cifar(c, fast_conv=s.fast_conv), False,
+                       (3,)),
     # Token sequences (B, T); num_classes is the vocabulary (90). The DEQ-Transformer
     # ignores the solver flags, as the reference does: it always runs its own Broyden.
     # Only these two have dropout, which the reference leaves on at evaluation.
@@ -67,7 +68,8 @@ _MODELS: dict[str, _Entry] = {
                               (1,)),
     # InCo's client models (spec 1.1-1.2): two nested families, each model a prefix of
     # the family's largest (server) model. Default arguments pin each loop's value.
-    **{name: _Entry(lambda c, s, d, b=blocks: stage_resnet(c, b), False, (3,))
+    **{name: _Entry(lambda c, s, d, b=blocks: stage_resnet(c, b, fast_conv=s.fast_conv),
+                    False, (3,))
        for name, blocks in STAGE_SPLITS.items()},
     **{name: _Entry(lambda c, s, d, p, i, k=depth: vit(c, k, patch_size=p, image_size=i),
                     False, (3,), vit=True)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from deq.stats import SolverStats
 from models.base import ModelOutput
 from models.batch_norm import BatchNorm
+from models.conv2d import Conv2D
 
 ForwardFn = Callable[..., ModelOutput]
 
@@ -33,9 +34,10 @@ def _bn(name: str) -> BatchNorm:
     return BatchNorm(name=name, **_BN_KWARGS)
 
 
-def _conv3x3(channels: int, stride: int, name: str) -> hk.Conv2D:
-    # No bias: the following BN has an offset, and the reference omits it.
-    return hk.Conv2D(channels, kernel_shape=3, stride=stride, with_bias=False, name=name)
+def _conv3x3(channels: int, stride: int, name: str, fast: bool) -> Conv2D:
+    # No bias: the following BN has an offset, and the reference omits it. Haiku's SAME
+    # padding and default initialiser, as hk.Conv2D (models.conv2d).
+    return Conv2D(channels, kernel_shape=3, stride=stride, fast=fast, name=name)
 
 
 class _ProjectionBlock(hk.Module):
@@ -45,23 +47,23 @@ class _ProjectionBlock(hk.Module):
     CIFAR ResNet34; the projection's conv and BN are part of the counted parameters.
     """
 
-    def __init__(self, channels: int, stride: int, use_projection: bool, name: str):
+    def __init__(self, channels: int, stride: int, use_projection: bool, name: str,
+                 fast_conv: bool = True):
         super().__init__(name=name)
         self.channels = channels
         self.stride = stride
         self.use_projection = use_projection
+        self.fast_conv = fast_conv
 
     def __call__(self, x: jnp.ndarray, is_training: bool) -> jnp.ndarray:
         shortcut = x
         if self.use_projection:
-            shortcut = hk.Conv2D(
-                self.channels, kernel_shape=1, stride=self.stride, with_bias=False,
-                name="shortcut_conv",
-            )(x)
+            shortcut = Conv2D(self.channels, kernel_shape=1, stride=self.stride,
+                              fast=self.fast_conv, name="shortcut_conv")(x)
             shortcut = _bn("shortcut_bn")(shortcut, is_training)
-        h = _conv3x3(self.channels, self.stride, "conv_0")(x)
+        h = _conv3x3(self.channels, self.stride, "conv_0", self.fast_conv)(x)
         h = jax.nn.relu(_bn("bn_0")(h, is_training))
-        h = _conv3x3(self.channels, 1, "conv_1")(h)
+        h = _conv3x3(self.channels, 1, "conv_1", self.fast_conv)(h)
         h = _bn("bn_1")(h, is_training)
         return jax.nn.relu(h + shortcut)
 
@@ -81,18 +83,19 @@ def _option_a_shortcut(x: jnp.ndarray, out_channels: int) -> jnp.ndarray:
 class _OptionABlock(hk.Module):
     """Non-bottleneck v1 block whose strided shortcut is parameter-free (CIFAR ResNet34)."""
 
-    def __init__(self, channels: int, stride: int, name: str):
+    def __init__(self, channels: int, stride: int, name: str, fast_conv: bool = True):
         super().__init__(name=name)
         self.channels = channels
         self.stride = stride
+        self.fast_conv = fast_conv
 
     def __call__(self, x: jnp.ndarray, is_training: bool) -> jnp.ndarray:
         shortcut = x
         if self.stride != 1:
             shortcut = _option_a_shortcut(x, self.channels)
-        h = _conv3x3(self.channels, self.stride, "conv_0")(x)
+        h = _conv3x3(self.channels, self.stride, "conv_0", self.fast_conv)(x)
         h = jax.nn.relu(_bn("bn_0")(h, is_training))
-        h = _conv3x3(self.channels, 1, "conv_1")(h)
+        h = _conv3x3(self.channels, 1, "conv_1", self.fast_conv)(h)
         h = _bn("bn_1")(h, is_training)
         return jax.nn.relu(h + shortcut)
 
@@ -104,8 +107,9 @@ def _mlp(h: jnp.ndarray) -> jnp.ndarray:
     return h
 
 
-def resnet20_femnist(num_classes: int = 62) -> ForwardFn:
+def resnet20_femnist(num_classes: int = 62, fast_conv: bool = True) -> ForwardFn:
     """Build the FEMNIST baseline; a builder so the registry can choose num_classes.
+    `fast_conv`: models.conv2d's patch-product convolutions (False: XLA's own).
 
     The returned function is meant for `hk.transform_with_state` (it owns BN state).
     """
@@ -115,7 +119,7 @@ def resnet20_femnist(num_classes: int = 62) -> ForwardFn:
     ) -> ModelOutput:
         # `probe` only matters for DEQ models; it is accepted so all models share a call.
         del probe
-        h = _conv3x3(32, 1, "stem_conv")(x)
+        h = _conv3x3(32, 1, "stem_conv", fast_conv)(x)
         h = jax.nn.relu(_bn("stem_bn")(h, is_training))
         channels = (32, 64, 128, 256)
         blocks = (2, 3, 2, 2)
@@ -127,6 +131,7 @@ def resnet20_femnist(num_classes: int = 62) -> ForwardFn:
                     stride=s if b == 0 else 1,
                     use_projection=(b == 0 and g > 0),
                     name=f"group_{g}_block_{b}",
+                    fast_conv=fast_conv,
                 )(h, is_training)
         h = jnp.mean(h, axis=(1, 2))
         h = _mlp(h)
@@ -150,8 +155,10 @@ def resnet34_blocks(num_classes: int) -> tuple[int, int, int]:
     )
 
 
-def resnet34_cifar(num_classes: int, blocks: Sequence[int] | None = None) -> ForwardFn:
+def resnet34_cifar(num_classes: int, blocks: Sequence[int] | None = None,
+                  fast_conv: bool = True) -> ForwardFn:
     """Build the CIFAR baseline; `blocks` defaults to the reference layout for num_classes.
+    `fast_conv`: models.conv2d's patch-product convolutions (False: XLA's own).
 
     The returned function is meant for `hk.transform_with_state` (it owns BN state).
     """
@@ -163,16 +170,15 @@ def resnet34_cifar(num_classes: int, blocks: Sequence[int] | None = None) -> For
         x: jnp.ndarray, is_training: bool, probe: jnp.ndarray | None = None
     ) -> ModelOutput:
         del probe
-        h = _conv3x3(64, 1, "stem_conv")(x)
+        h = _conv3x3(64, 1, "stem_conv", fast_conv)(x)
         # The reference applies ReLU *before* BN in the stem (spec 5.3); kept for fidelity.
         h = _bn("stem_bn")(jax.nn.relu(h), is_training)
         channels = (64, 128, 256)
         strides = (1, 2, 2)
         for g, (c, n, s) in enumerate(zip(channels, layout, strides, strict=True)):
             for b in range(n):
-                h = _OptionABlock(c, stride=s if b == 0 else 1, name=f"group_{g}_block_{b}")(
-                    h, is_training
-                )
+                h = _OptionABlock(c, stride=s if b == 0 else 1, name=f"group_{g}_block_{b}",
+                                  fast_conv=fast_conv)(h, is_training)
         h = jnp.mean(h, axis=(1, 2))
         # CIFAR: the embedding is taken *before* the pre-head BN (unlike FEMNIST).
         embedding = _mlp(h)

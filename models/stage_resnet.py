@@ -7,7 +7,8 @@ server tensor. Module names therefore follow the PyTorch state-dict keys one to 
 torchvision's, ImageNet stem included, even on 32x32 inputs.
 
 Paddings are explicit: haiku's "SAME" pads even inputs asymmetrically, which would shift
-every feature map relative to the reference. Convolution kernels use haiku's HWIO layout.
+every feature map relative to the reference. Convolution kernels use haiku's HWIO layout
+(models.conv2d.Conv2D makes the same parameter as hk.Conv2D).
 """
 
 import math
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 
 from deq.stats import SolverStats
 from models.base import ModelOutput
+from models.conv2d import Conv2D
 from models.torch_batch_norm import TorchBatchNorm
 
 ForwardFn = Callable[..., ModelOutput]
@@ -40,11 +42,12 @@ STAGE_SPLITS: dict[str, tuple[int, int, int, int]] = {
 _KAIMING_FAN_OUT = hk.initializers.VarianceScaling(2.0, "fan_out", "normal")
 
 
-def _conv(channels: int, kernel: int, stride: int, padding: int, name: str) -> hk.Conv2D:
+def _conv(channels: int, kernel: int, stride: int, padding: int, name: str,
+          fast: bool) -> Conv2D:
     # No bias anywhere: every convolution is followed by a BN with an offset.
-    return hk.Conv2D(channels, kernel_shape=kernel, stride=stride,
-                     padding=((padding, padding), (padding, padding)), with_bias=False,
-                     w_init=_KAIMING_FAN_OUT, name=name)
+    return Conv2D(channels, kernel_shape=kernel, stride=stride,
+                  padding=((padding, padding), (padding, padding)),
+                  w_init=_KAIMING_FAN_OUT, fast=fast, name=name)
 
 
 def _max_pool_3x3_s2(x: jnp.ndarray) -> jnp.ndarray:
@@ -62,15 +65,16 @@ class BasicBlock(hk.Module):
     gives them haiku's `layer{s}_{b}/~/conv1` names, the form the InCo rules use.
     """
 
-    def __init__(self, in_channels: int, channels: int, stride: int, name: str):
+    def __init__(self, in_channels: int, channels: int, stride: int, name: str,
+                 fast_conv: bool = True):
         super().__init__(name=name)
-        self.conv1 = _conv(channels, 3, stride, 1, "conv1")
+        self.conv1 = _conv(channels, 3, stride, 1, "conv1", fast_conv)
         self.bn1 = TorchBatchNorm(name="bn1")
-        self.conv2 = _conv(channels, 3, 1, 1, "conv2")
+        self.conv2 = _conv(channels, 3, 1, 1, "conv2", fast_conv)
         self.bn2 = TorchBatchNorm(name="bn2")
         self.downsample = None
         if stride != 1 or in_channels != channels:  # torchvision's rule
-            self.downsample = (_conv(channels, 1, stride, 0, "downsample_conv"),
+            self.downsample = (_conv(channels, 1, stride, 0, "downsample_conv", fast_conv),
                                TorchBatchNorm(name="downsample_bn"))
 
     def __call__(self, x: jnp.ndarray, is_training: bool) -> jnp.ndarray:
@@ -91,27 +95,31 @@ def _check_layout(blocks_per_stage: Sequence[int], widths: Sequence[int]) -> Non
 
 
 def resnet_features(x: jnp.ndarray, is_training: bool, blocks_per_stage: Sequence[int],
-                    widths: Sequence[int] = WIDTHS) -> jnp.ndarray:
+                    widths: Sequence[int] = WIDTHS, fast_conv: bool = True) -> jnp.ndarray:
     """Stem and the four stages, without pooling: (B, H, W, C_in) -> (B, h, w, widths[-1]).
 
     Separate from the classifier so the spatial sizes (32 -> 16 -> 8 -> 8/4/2/1) can be
     checked. Must run inside a haiku transform.
     """
     _check_layout(blocks_per_stage, widths)
-    h = _conv(widths[0], 7, 2, 3, "conv1")(x)
+    h = _conv(widths[0], 7, 2, 3, "conv1", fast_conv)(x)
     h = jax.nn.relu(TorchBatchNorm(name="bn1")(h, is_training))
     h = _max_pool_3x3_s2(h)
     for s, (channels, blocks) in enumerate(zip(widths, blocks_per_stage, strict=True), 1):
         for b in range(blocks):
             stride = 2 if (s > 1 and b == 0) else 1
-            block = BasicBlock(h.shape[-1], channels, stride, name=f"layer{s}_{b}")
+            block = BasicBlock(h.shape[-1], channels, stride, name=f"layer{s}_{b}",
+                               fast_conv=fast_conv)
             h = block(h, is_training)
     return h
 
 
 def stage_resnet(num_classes: int, blocks_per_stage: Sequence[int],
-                 widths: Sequence[int] = WIDTHS) -> ForwardFn:
+                 widths: Sequence[int] = WIDTHS, fast_conv: bool = True) -> ForwardFn:
     """Builds the forward function of a stage-split ResNet, for `hk.transform_with_state`.
+
+    `fast_conv`: convolutions as patch products where XLA:CPU's are slow (models.conv2d;
+    the same numbers to float rounding); False is XLA's convolution and gradient.
 
     Input channels are taken from the input (3, or 1 for Fashion-MNIST). The embedding is
     the pooled feature vector (widths[-1] dims) that MOON compares across models.
@@ -125,7 +133,7 @@ def stage_resnet(num_classes: int, blocks_per_stage: Sequence[int],
     def forward(x: jnp.ndarray, is_training: bool, probe: jnp.ndarray | None = None
                 ) -> ModelOutput:
         del probe  # only DEQ models use it; accepted so every model shares one call
-        h = resnet_features(x, is_training, layout, widths)
+        h = resnet_features(x, is_training, layout, widths, fast_conv)
         embedding = jnp.mean(h, axis=(1, 2))
         logits = hk.Linear(num_classes, w_init=fc_init, b_init=fc_init, name="fc")(embedding)
         return ModelOutput(logits, embedding, SolverStats.zeros())
