@@ -80,15 +80,19 @@ def _patch_backward_conv(stride: int, padding):
     return conv
 
 
+def explicit_padding(x: jnp.ndarray, w: jnp.ndarray, stride: int,
+                     padding: Padding) -> tuple[tuple[int, int], ...]:
+    """(low, high) per spatial axis; "SAME"/"VALID" as lax (and hk.Conv2D) read them."""
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], (stride, stride), padding)
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
 def conv2d(x: jnp.ndarray, w: jnp.ndarray, stride: int = 1, padding: Padding = "SAME",
            fast: bool = True) -> jnp.ndarray:
     """A bias-free 2-D convolution; `fast` picks the faster of the two exact forms on a
     CPU (module docstring), `fast=False` is XLA's convolution with XLA's gradient."""
-    if isinstance(padding, str):
-        pads = lax.padtype_to_pads(x.shape[1:3], w.shape[:2], (stride, stride), padding)
-    else:
-        pads = padding
-    pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+    pads = explicit_padding(x, w, stride, padding)
     if not fast or jax.default_backend() != "cpu":
         return xla_conv(x, w, stride, pads)
     positions = (output_size(x.shape[1], w.shape[0], stride, pads[0])

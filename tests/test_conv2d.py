@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.conv2d import Conv2D, conv2d, patch_conv, xla_conv
+from models.conv2d import Conv2D, conv2d, explicit_padding, patch_conv, xla_conv
 from models.stage_resnet import STAGE_SPLITS, stage_resnet
 
 # (map size, channels in, channels out, kernel, stride, padding): each of conv2d's three
@@ -23,27 +23,21 @@ CASES = [
 ]
 
 
-def _pads(x, w, stride, padding):
-    if isinstance(padding, str):
-        return tuple(jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], (stride, stride),
-                                             padding))
-    return padding
-
-
 @pytest.mark.parametrize("case", CASES, ids=[f"hw{c[0]}_k{c[3]}_s{c[4]}" for c in CASES])
 def test_fast_conv_equals_xla_forward_and_gradients(case):
     hw, cin, cout, k, stride, padding = case
     kx, kw = jax.random.split(jax.random.PRNGKey(hw * 100 + k))
     x = jax.random.normal(kx, (3, hw, hw, cin))
     w = jax.random.normal(kw, (k, k, cin, cout)) / k
-    reference = xla_conv(x, w, stride, _pads(x, w, stride, padding))
+    pads = explicit_padding(x, w, stride, padding)
+    reference = xla_conv(x, w, stride, pads)
 
     def loss(fast):
         return lambda a, b: jnp.sum(jnp.sin(conv2d(a, b, stride, padding, fast)))
 
     np.testing.assert_allclose(conv2d(x, w, stride, padding), reference, rtol=1e-5,
                                atol=1e-5)
-    np.testing.assert_allclose(patch_conv(x, w, stride, _pads(x, w, stride, padding)),
+    np.testing.assert_allclose(patch_conv(x, w, stride, pads),
                                reference, rtol=1e-5, atol=1e-5)
     fast_grads = jax.jit(jax.grad(loss(True), (0, 1)))(x, w)
     xla_grads = jax.jit(jax.grad(loss(False), (0, 1)))(x, w)
@@ -85,8 +79,8 @@ def test_stage_resnet_fast_conv_same_logits_and_gradients():
                                                    fast_conv=f)) for f in (True, False)]
     params, state = models[0].init(jax.random.PRNGKey(1), x, True)
     params_b, _ = models[1].init(jax.random.PRNGKey(1), x, True)
-    chex_equal = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), params, params_b)
-    assert all(jax.tree.leaves(chex_equal))
+    same_init = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), params, params_b)
+    assert all(jax.tree.leaves(same_init))
 
     def loss(model):
         def f(p):
